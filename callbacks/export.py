@@ -1,0 +1,43 @@
+"""Export the trained weights at the end of ``fit``, in the formats other tools load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_modules.export import export_full, export_lora
+
+
+class DreamBoothExport(pl.Callback):
+    """Writes ``export/`` into the run directory when ``fit`` ends (rank 0 only) and prints its path.
+
+    LoRA runs get ``pytorch_lora_weights.safetensors`` (diffusers ``load_lora_weights``); full fine-tunes get
+    ``pipeline/`` (diffusers ``StableDiffusionPipeline.from_pretrained``).
+
+    Args:
+        dirpath: Where to write the export; defaults to ``<run directory>/export``.
+        enabled: Set to false to skip the export.
+    """
+
+    def __init__(self, dirpath: str | None = None, enabled: bool = True) -> None:
+        self.dirpath = dirpath
+        self.enabled = enabled
+        self.last_export: Path | None = None
+
+    def export_dir(self, trainer: pl.Trainer) -> Path:
+        return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        out = self.export_dir(trainer)
+        hp = pl_module.hparams
+        if hp.use_lora:
+            path = export_lora(pl_module.unet, pl_module.text_encoder, out, hp.pretrained_model_name_or_path)
+        else:
+            te = pl_module.text_encoder if hp.train_text_encoder else None
+            path = export_full(pl_module.unet, te, out, hp.pretrained_model_name_or_path, hp.revision, hp.variant)
+        self.last_export = path
+        rank_zero_info(f"Exported trained weights to {path}")

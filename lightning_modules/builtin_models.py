@@ -1,0 +1,293 @@
+"""Stable Diffusion 1.x models built offline from configs, addressed as ``builtin:<name>``.
+
+No machine here reaches a model hub, so tests, the demo and memory benchmarks use models built locally:
+
+- ``builtin:tiny-sd``: a tiny SD 1.x (UNet, VAE with a downscale factor of 4, 2-layer CLIP text encoder,
+  the real CLIP tokenizer, the SD 1.x PNDM scheduler) with fixed-seed random weights; native size 64 px.
+- ``builtin:tiny-sd-v``: the same with a ``v_prediction`` scheduler.
+- ``builtin:sd15-random``: the real SD 1.5 architecture with random weights (about 4 GB in float32), for
+  memory and speed benchmarks. Built only when asked for.
+
+:func:`resolve_pretrained` turns a built-in name into a local diffusers folder (built once into a cache and
+reused), so every loader takes the one ``from_pretrained`` code path. Other strings pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BUILTIN_PREFIX = "builtin:"
+CACHE_ENV = "DREAMBOOTH_CACHE"
+DEFAULT_CACHE = Path("~/.cache/dreambooth_lightning")
+SEED = 0
+
+# The SD 1.x scheduler config (as in stable-diffusion-v1-5's scheduler/scheduler_config.json).
+_SD1_SCHEDULER: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "skip_prk_steps": True,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "trained_betas": None,
+    "timestep_spacing": "leading",
+}
+
+# A CLIP text encoder that fits the real CLIP tokenizer (49408 tokens, 77 positions).
+_CLIP_TEXT_COMMON: dict[str, Any] = {
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+
+
+def _tiny_sd_configs(prediction_type: str = "epsilon") -> dict[str, dict[str, Any]]:
+    return {
+        "unet": {
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+        },
+        "vae": {
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * 3,
+            "up_block_types": ("UpDecoderBlock2D",) * 3,
+            "block_out_channels": (16, 32, 32),
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 8,
+            "sample_size": 64,
+        },
+        "text_encoder": {
+            **_CLIP_TEXT_COMMON,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "projection_dim": 32,
+            "hidden_act": "quick_gelu",
+        },
+        "scheduler": {**_SD1_SCHEDULER, "prediction_type": prediction_type},
+    }
+
+
+def _sd15_configs() -> dict[str, dict[str, Any]]:
+    return {
+        "unet": {
+            "sample_size": 64,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "layers_per_block": 2,
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "cross_attention_dim": 768,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2,
+            "latent_channels": 4,
+            "norm_num_groups": 32,
+            "sample_size": 512,
+        },
+        "text_encoder": {
+            **_CLIP_TEXT_COMMON,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "projection_dim": 768,
+            "hidden_act": "quick_gelu",
+        },
+        "scheduler": dict(_SD1_SCHEDULER),
+    }
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A registered built-in model. Bump ``version`` whenever what the builder writes changes."""
+
+    name: str
+    version: int
+    description: str
+    configs: Callable[[], dict[str, dict[str, Any]]]
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in (
+        BuiltinModel("tiny-sd", 1, "tiny SD 1.x, epsilon prediction, 64 px", _tiny_sd_configs),
+        BuiltinModel("tiny-sd-v", 1, "tiny SD 1.x, v_prediction, 64 px", lambda: _tiny_sd_configs("v_prediction")),
+        BuiltinModel("sd15-random", 1, "SD 1.5 architecture, random weights (~4 GB fp32)", _sd15_configs),
+    )
+}
+
+
+def builtin_names() -> list[str]:
+    return list(BUILTIN_MODELS)
+
+
+def _lookup(name: str) -> BuiltinModel:
+    name = name.removeprefix(BUILTIN_PREFIX)
+    if name not in BUILTIN_MODELS:
+        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+        raise ValueError(f"unknown built-in model {BUILTIN_PREFIX + name!r}; known built-in models: {known}")
+    return BUILTIN_MODELS[name]
+
+
+def model_configs(name: str) -> dict[str, dict[str, Any]]:
+    """The component configs (``unet``, ``vae``, ``text_encoder``, ``scheduler``) of a built-in model."""
+    return copy.deepcopy(_lookup(name).configs())
+
+
+def cache_dir() -> Path:
+    """Where built models live: ``$DREAMBOOTH_CACHE`` if set, else ``~/.cache/dreambooth_lightning``."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def builtin_path(name: str) -> Path:
+    """The cache folder of a built-in model (which may not exist yet)."""
+    model = _lookup(name)
+    return cache_dir() / "builtin" / f"{model.name}-v{model.version}"
+
+
+def build_builtin(name: str, out_dir: str | Path) -> None:
+    """Build a built-in model into ``out_dir`` (absent or empty) as a diffusers pipeline folder.
+
+    The weights depend only on the name: each model is initialised right after ``torch.manual_seed``, inside
+    a forked RNG so the caller's random state is left alone.
+    """
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from lightning_modules.clip_tokenizer import write_clip_tokenizer
+
+    cfg = model_configs(name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.iterdir()):
+        raise FileExistsError(f"build_builtin: {out_dir} is not empty")
+    tokenizer_dir = out_dir / "tokenizer"
+    write_clip_tokenizer(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        unet = UNet2DConditionModel(**cfg["unet"])
+        torch.manual_seed(SEED + 1)
+        vae = AutoencoderKL(**cfg["vae"])
+        torch.manual_seed(SEED + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**cfg["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    # transformers may save the tokenizer in its own layout; keep the SD 1.x one (vocab.json + merges.txt),
+    # which every transformers version reads.
+    write_clip_tokenizer(tokenizer_dir)
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file()
+
+
+def _discard(folder: Path) -> None:
+    """Remove a folder without leaving a half-deleted one at its name (rename aside first)."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.trash-", dir=folder.parent))
+    try:
+        os.rename(folder, aside / folder.name)
+    except FileNotFoundError:
+        pass  # someone else removed it
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _materialize(name: str, target: Path) -> Path:
+    """Make ``target`` a complete build of ``name``: build beside it, then rename into place atomically.
+
+    Safe when several processes race: the first rename wins, the others discard their build.
+    """
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        build_builtin(name, tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the built folder is an ordinary one
+        if _is_complete(target):  # another process finished first
+            return target
+        if target.exists():  # a leftover that is no complete model (e.g. copied by hand, interrupted)
+            _discard(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _is_complete(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_pretrained(name_or_path: str) -> str:
+    """Map ``builtin:<name>`` to its local diffusers folder, building it on first use; return others unchanged."""
+    if not isinstance(name_or_path, str) or not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    return str(_materialize(name_or_path, builtin_path(name_or_path)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_modules.builtin_models",
+        description="Build a built-in model (if needed) and print its diffusers folder.",
+    )
+    parser.add_argument("name", help=f"one of: {', '.join(BUILTIN_MODELS)} (the 'builtin:' prefix is optional)")
+    parser.add_argument("--out", type=Path, help=f"build into this folder instead of the cache (${CACHE_ENV})")
+    args = parser.parse_args(argv)
+    try:
+        _lookup(args.name)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.out is not None:
+        out = args.out.expanduser().absolute()
+        if out.exists() and not _is_complete(out) and (not out.is_dir() or any(out.iterdir())):
+            parser.error(f"--out {out} exists and is no built model; give a new or empty folder")
+        path = _materialize(args.name, out)
+    else:
+        path = Path(resolve_pretrained(BUILTIN_PREFIX + args.name.removeprefix(BUILTIN_PREFIX)))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The DreamBooth objective, Lightning-free: encode, noise, predict, compare.
+
+Shapes: B rows (instance rows and class rows mixed, told apart by ``is_prior``), latents (B, 4, h, w)
+with h = H / vae_scale_factor, text embeddings (B, 77, D).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+
+class LossTerms(NamedTuple):
+    """The total loss and its two parts (each a scalar tensor)."""
+
+    loss: Tensor  # instance + prior_loss_weight * prior
+    instance: Tensor  # mean squared error over instance rows
+    prior: Tensor  # mean squared error over class rows (0 when the batch has none)
+
+
+def dreambooth_loss(model_pred: Tensor, target: Tensor, is_prior: Tensor, prior_loss_weight: float) -> LossTerms:
+    """MSE over instance rows + ``prior_loss_weight`` x MSE over class rows.
+
+    Args:
+        model_pred: (B, C, h, w) UNet output.
+        target: (B, C, h, w) noise (epsilon) or velocity (v_prediction).
+        is_prior: (B,) bool, True for class (prior-preservation) rows.
+        prior_loss_weight: weight of the class rows' term; 0 gives plain fine-tuning on the instance rows.
+    """
+    if is_prior.dtype != torch.bool or is_prior.shape != model_pred.shape[:1]:
+        raise ValueError(f"is_prior must be a bool mask of shape ({model_pred.shape[0]},), got {tuple(is_prior.shape)}")
+    per_row = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    zero = per_row.new_zeros(())
+    instance = per_row[~is_prior].mean() if (~is_prior).any() else zero
+    prior = per_row[is_prior].mean() if is_prior.any() else zero
+    return LossTerms(instance + prior_loss_weight * prior, instance, prior)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, pixel_values: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """(B, 3, H, W) pixels in [-1, 1] -> (B, 4, H/f, W/f) latents, sampled and scaled by the VAE's scaling factor."""
+    dist = vae.encode(pixel_values.to(vae.dtype)).latent_dist
+    return dist.sample(generator) * vae.config.scaling_factor
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> Tensor:
+    """Prompts -> (B, 77) token ids, padded and truncated the Stable Diffusion way."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode_text(text_encoder: CLIPTextModel, input_ids: Tensor) -> Tensor:
+    """(B, 77) token ids -> (B, 77, D) last hidden states, the UNet's cross-attention context."""
+    return text_encoder(input_ids.to(text_encoder.device))[0]
+
+
+def diffusion_target(noise_scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """What the UNet is trained to predict, read from the scheduler config: epsilon or velocity."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"Unsupported prediction_type {prediction_type!r} in the scheduler config.")
+
+
+def add_noise(noise_scheduler: DDPMScheduler, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Draw noise and timesteps for each row; return (noisy_latents, noise, timesteps)."""
+    noise = torch.randn_like(latents)  # (B, 4, h, w)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+    ).long()  # (B,)
+    return noise_scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+
+
+@torch.no_grad()
+def fixed_noise_error(
+    unet,
+    text_encoder,
+    tokenizer: CLIPTokenizer,
+    noise_scheduler: DDPMScheduler,
+    latents: Tensor,
+    prompt: str,
+    seed: int,
+) -> float:
+    """Denoising error of ``prompt`` on ``latents`` (N, 4, h, w) for noise and timesteps drawn from ``seed``.
+
+    The same seed gives the same draws, so two models (or two prompts) are compared on identical inputs.
+    """
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g).to(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
+    timesteps = timesteps.to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    context = encode_text(text_encoder, tokenize(tokenizer, [prompt] * latents.shape[0]))
+    pred = unet(noisy, timesteps, context).sample
+    return F.mse_loss(pred.float(), diffusion_target(noise_scheduler, latents, noise, timesteps).float()).item()

@@ -1,0 +1,190 @@
+"""DreamBoothModule: Lightning hooks only; the work is done by the Lightning-free components beside it."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from datamodules.batch import DreamBoothBatch
+from lightning_modules.diffusion import (
+    add_noise,
+    diffusion_target,
+    dreambooth_loss,
+    encode_latents,
+    encode_text,
+    tokenize,
+)
+from lightning_modules.lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, inject_lora, lora_config
+from lightning_modules.optim import OptimizerName, SchedulerName, build_lr_scheduler, build_optimizer, param_groups
+from lightning_modules.sd_loading import SDComponents, load_components
+
+# Lightning precision setting -> dtype in which the frozen modules are held and run.
+FROZEN_DTYPES = {
+    "16-mixed": torch.float16,
+    "bf16-mixed": torch.bfloat16,
+    "16-true": torch.float16,
+    "bf16-true": torch.bfloat16,
+}
+
+
+class DreamBoothModule(pl.LightningModule):
+    """Fine-tunes Stable Diffusion 1.x on one subject with the DreamBooth objective, fully or with LoRA.
+
+    Args:
+        pretrained_model_name_or_path: The base model: a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a
+            local diffusers folder, or a built-in offline model (``builtin:tiny-sd``).
+        revision: Hub revision (branch, tag or commit) of the base model.
+        variant: Weight-file variant of the base model, e.g. ``fp16``.
+        train_text_encoder: Also train the text encoder (fully, or with LoRA when ``use_lora``).
+        use_lora: Train LoRA adapters (peft) instead of the full weights; the base model stays frozen.
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA alpha; the update is scaled by alpha / r. Defaults to the rank (scale 1).
+        lora_dropout: Dropout on the LoRA branch.
+        lora_target_modules: UNet modules that get an adapter (attention projections by default).
+        lora_text_encoder_target_modules: Text-encoder modules that get an adapter.
+        learning_rate: Learning rate of the UNet (its LoRA adapters or its full weights).
+        text_encoder_lr: Learning rate of the text encoder; defaults to ``learning_rate``.
+        optimizer: ``adamw``, or ``adamw8bit`` (bitsandbytes; optimizer state in 8 bits).
+        adam_beta1: Adam beta1.
+        adam_beta2: Adam beta2.
+        adam_weight_decay: Decoupled weight decay.
+        adam_epsilon: Adam epsilon.
+        lr_scheduler: Learning-rate schedule after warmup: ``constant``, ``linear`` or ``cosine`` decay to 0 at the
+            last step.
+        lr_warmup_steps: Optimizer steps of linear warmup from 0.
+        prior_loss_weight: Weight of the prior-preservation (class rows) term; 0 gives plain fine-tuning.
+        gradient_checkpointing: Recompute activations in backward to save memory (UNet, and the text encoder when
+            trained).
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        revision: str | None = None,
+        variant: str | None = None,
+        train_text_encoder: bool = False,
+        use_lora: bool = True,
+        lora_rank: int = 8,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | None = None,
+        lora_text_encoder_target_modules: list[str] | None = None,
+        learning_rate: float = 5e-5,
+        text_encoder_lr: float | None = None,
+        optimizer: OptimizerName = "adamw",
+        adam_beta1: float = 0.9,
+        adam_beta2: float = 0.999,
+        adam_weight_decay: float = 1e-2,
+        adam_epsilon: float = 1e-8,
+        lr_scheduler: SchedulerName = "constant",
+        lr_warmup_steps: int = 0,
+        prior_loss_weight: float = 1.0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if use_lora:  # fail at config time, before any weight loads
+            lora_config(lora_rank, lora_alpha, lora_dropout, lora_target_modules or UNET_TARGET_MODULES)
+        if learning_rate <= 0 or (text_encoder_lr is not None and text_encoder_lr <= 0):
+            raise ValueError("model.learning_rate and model.text_encoder_lr must be positive.")
+        if prior_loss_weight < 0:
+            raise ValueError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
+        self.save_hyperparameters()
+        self.parts: SDComponents | None = None  # loaded in configure_model
+        # Checkpoints hold only the trained weights, so loading one is partial by design (see on_load_checkpoint).
+        self.strict_loading = False
+
+    # ----------------------------------------------------------------------------------------------- model set-up
+    def configure_model(self) -> None:
+        """Load the base model and mark what trains. Idempotent: Lightning may call it more than once."""
+        if self.parts is not None:
+            return
+        hp = self.hparams
+        parts = load_components(hp.pretrained_model_name_or_path, hp.revision, hp.variant)
+        parts.vae.requires_grad_(False).eval()
+        parts.text_encoder.requires_grad_(False)
+        if hp.use_lora:
+            inject_lora(parts.unet, lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, self._unet_targets))
+            if hp.train_text_encoder:
+                te_config = lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, self._te_targets)
+                inject_lora(parts.text_encoder, te_config)
+        else:
+            parts.unet.requires_grad_(True)
+            parts.text_encoder.requires_grad_(hp.train_text_encoder)
+        if not hp.train_text_encoder:
+            parts.text_encoder.eval()
+        if hp.gradient_checkpointing:
+            parts.unet.enable_gradient_checkpointing()
+            if hp.train_text_encoder:
+                parts.text_encoder.gradient_checkpointing_enable()
+        self._cast_frozen(parts)
+        self.parts = parts
+        # Registered as submodules so Lightning moves them, wraps them (DDP) and sees their parameters.
+        self.unet, self.text_encoder, self.vae = parts.unet, parts.text_encoder, parts.vae
+
+    @property
+    def _unet_targets(self) -> list[str]:
+        return self.hparams.lora_target_modules or UNET_TARGET_MODULES
+
+    @property
+    def _te_targets(self) -> list[str]:
+        return self.hparams.lora_text_encoder_target_modules or TEXT_ENCODER_TARGET_MODULES
+
+    def _cast_frozen(self, parts: SDComponents) -> None:
+        """Hold frozen weights in the compute dtype under mixed precision; trained weights stay float32."""
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        dtype = FROZEN_DTYPES.get(precision)
+        if dtype is None:
+            return
+        for model in (parts.vae, parts.text_encoder, parts.unet):
+            for param in model.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(dtype)
+
+    # ----------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: DreamBoothBatch, batch_idx: int) -> torch.Tensor:
+        parts = self.parts
+        latents = encode_latents(self.vae, batch["pixel_values"]).float()  # (B, 4, h, w)
+        noisy_latents, noise, timesteps = add_noise(parts.noise_scheduler, latents)
+        with torch.set_grad_enabled(self.hparams.train_text_encoder):
+            context = encode_text(self.text_encoder, tokenize(parts.tokenizer, batch["prompts"]))  # (B, 77, D)
+        model_pred = self.unet(noisy_latents, timesteps, context).sample
+        target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
+        terms = dreambooth_loss(model_pred, target, batch["is_prior"], self.hparams.prior_loss_weight)
+        bs = batch["pixel_values"].shape[0]
+        self.log("train/loss", terms.loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss_instance", terms.instance, batch_size=bs)
+        self.log("train/loss_prior", terms.prior, batch_size=bs)
+        for group in self.optimizers().param_groups if self._trainer is not None else []:
+            self.log(f"train/lr_{group['name']}", group["lr"], batch_size=bs)
+        return terms.loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = param_groups(self.unet, self.text_encoder, hp.learning_rate, hp.text_encoder_lr)
+        betas = (hp.adam_beta1, hp.adam_beta2)
+        optimizer = build_optimizer(hp.optimizer, groups, betas, hp.adam_weight_decay, hp.adam_epsilon)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_lr_scheduler(hp.lr_scheduler, optimizer, hp.lr_warmup_steps, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def trained_state_keys(self) -> set[str]:
+        """State-dict keys of the weights that train (LoRA adapters, or the full UNet / text encoder)."""
+        return {name for name, param in self.named_parameters() if param.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save only what is trained: the frozen base model is reloaded from its source on resume."""
+        keep = self.trained_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Loading is partial by design; make sure it is complete for what trains and matches this model."""
+        saved = set(checkpoint["state_dict"])
+        unknown = sorted(saved - set(self.state_dict()))
+        missing = sorted(self.trained_state_keys() - saved)
+        if unknown or missing:
+            raise RuntimeError(
+                "The checkpoint does not match this model's trained weights "
+                f"({len(unknown)} unknown keys, e.g. {unknown[:3]}; {len(missing)} missing, e.g. {missing[:3]}). "
+                "Was it made with other LoRA / train_text_encoder settings or another base model?"
+            )

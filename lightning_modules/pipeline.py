@@ -1,0 +1,46 @@
+"""A text-to-image pipeline around the live (training) modules, for sampling without copying weights."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
+
+from lightning_modules.sd_loading import SDComponents
+
+SamplerName = Literal["ddim", "dpm++", "euler_a", "pndm"]
+SAMPLERS = {
+    "ddim": DDIMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "pndm": PNDMScheduler,
+}
+
+
+def make_sampler(name: str, scheduler_config: dict):
+    """An inference scheduler built from the model's own noise-scheduler config."""
+    if name not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}: choose one of {sorted(SAMPLERS)}.")
+    return SAMPLERS[name].from_config(scheduler_config)
+
+
+def build_pipeline(parts: SDComponents, sampler: str = "dpm++") -> StableDiffusionPipeline:
+    """Wrap the given modules (shared, not copied) in a ``StableDiffusionPipeline`` without a safety checker."""
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=make_sampler(sampler, parts.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,112 @@
+"""End-to-end: ``train.py fit`` on the tiny model, as a user runs it, and what it leaves behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from lightning_modules.builtin_models import resolve_pretrained
+from train import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _render(pipe: StableDiffusionPipeline) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    return pipe("a photo of sks ball", num_inference_steps=2, generator=g, output_type="np").images
+
+
+def _base_pipe() -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(resolve_pretrained("builtin:tiny-sd"), safety_checker=None)
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["unet", "unet+te"])
+def test_fit_lora_exports_a_file_diffusers_loads(run_args, train_text_encoder):
+    cli = cli_main(run_args(f"--model.train_text_encoder={train_text_encoder}", steps=3))
+    assert cli.trainer.global_step == 3
+    export = Path(cli.trainer.log_dir) / "export"
+    weights = load_file(export / "pytorch_lora_weights.safetensors")
+    assert weights and all("lora" in k for k in weights)
+    assert any(k.startswith("unet.") for k in weights)
+    assert any(k.startswith("text_encoder.") for k in weights) == train_text_encoder
+    assert (Path(cli.trainer.log_dir) / "config.yaml").is_file()
+
+    base = _render(_base_pipe())
+    pipe = _base_pipe()
+    pipe.load_lora_weights(export)
+    tuned = _render(pipe)
+    assert np.abs(tuned - base).max() > 1e-4, "the exported LoRA changes nothing"
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["unet", "unet+te"])
+def test_fit_full_exports_a_pipeline_folder(run_args, train_text_encoder):
+    cli = cli_main(run_args("--model.use_lora=false", f"--model.train_text_encoder={train_text_encoder}"))
+    folder = Path(cli.trainer.log_dir) / "export" / "pipeline"
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    base = _base_pipe()
+    unet_changed = any(
+        not torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), base.unet.state_dict().values())
+    )
+    te_changed = any(
+        not torch.equal(a, b)
+        for a, b in zip(pipe.text_encoder.state_dict().values(), base.text_encoder.state_dict().values())
+    )
+    assert unet_changed and te_changed == train_text_encoder
+    assert _render(pipe).shape == (1, 64, 64, 3)
+
+
+def test_lora_checkpoint_holds_only_trained_weights_and_resumes(run_args, tmp_path):
+    args = run_args("--trainer.callbacks.init_args.every_n_train_steps=2", "--model.train_text_encoder=true", steps=2)
+    cli = cli_main(args)
+    ckpt_path = Path(cli.trainer.checkpoint_callback.last_model_path)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    keys = list(ckpt["state_dict"])
+    assert keys and all("lora_" in k for k in keys), "a frozen base weight entered the checkpoint"
+    trainable = {n: p for n, p in cli.model.named_parameters() if p.requires_grad}
+    assert set(keys) == set(trainable)
+    # The file is the trained weights plus AdamW's two moments, plus small overhead.
+    n_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
+    assert 3 * n_bytes <= ckpt_path.stat().st_size <= 3 * n_bytes + 2_000_000
+    saved_step = ckpt["optimizer_states"][0]["state"][0]["step"]
+
+    resumed = cli_main(
+        run_args("--model.train_text_encoder=true", "--trainer.callbacks+=tests.helpers.RecordStart", steps=4)
+        + ["--ckpt_path", str(ckpt_path)]
+    )
+    record = next(cb for cb in resumed.trainer.callbacks if type(cb).__name__ == "RecordStart")
+    assert record.global_step == 2
+    assert record.optimizer_step == saved_step
+    assert resumed.trainer.global_step == 4
+
+
+def test_loss_is_logged(run_args):
+    cli = cli_main(run_args("--trainer.log_every_n_steps=1", steps=2))
+    metrics = (Path(cli.trainer.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    for name in ("train/loss", "train/loss_instance", "train/loss_prior", "train/lr_unet", "train/lr_text_encoder"):
+        assert name in metrics
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses_offline(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "pretrained_model_name_or_path" in printed and "instance_prompt" in printed
+
+
+def test_train_py_runs_as_a_script(run_args):
+    """The user's own command line, in a fresh process."""
+    result = subprocess.run(
+        [sys.executable, "train.py", *run_args(steps=1)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Exported trained weights to" in result.stdout + result.stderr
