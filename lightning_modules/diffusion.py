@@ -88,14 +88,17 @@ def fixed_noise_error(
     latents: Tensor,
     prompt: str,
     seed: int,
+    min_timestep: int = 0,
 ) -> float:
     """Denoising error of ``prompt`` on ``latents`` (N, 4, h, w) for noise and timesteps drawn from ``seed``.
 
-    The same seed gives the same draws, so two models (or two prompts) are compared on identical inputs.
+    The same seed gives the same draws, so two models (or two prompts) are compared on identical inputs. A high
+    ``min_timestep`` measures where the noisy input hides the image and the prompt must say what to denoise toward.
     """
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=g).to(latents)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
+    max_t = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(min_timestep, max_t, (latents.shape[0],), generator=g)
     timesteps = timesteps.to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     context = encode_text(text_encoder, tokenize(tokenizer, [prompt] * latents.shape[0]))

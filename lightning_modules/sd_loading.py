@@ -73,7 +73,7 @@ def load_pipeline(
         path,
         revision=revision,
         variant=variant,
-        torch_dtype=torch_dtype,
+        dtype=torch_dtype,
         safety_checker=None,
         requires_safety_checker=False,
     )

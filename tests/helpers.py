@@ -13,4 +13,4 @@ class RecordStart(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.global_step = trainer.global_step
         state = trainer.optimizers[0].state_dict()["state"]
-        self.optimizer_step = state[0]["step"] if state else None
+        self.optimizer_step = float(state[0]["step"]) if state else None  # a copy: the tensor is updated in place

@@ -24,6 +24,11 @@ def _render(pipe: StableDiffusionPipeline) -> np.ndarray:
     return pipe("a photo of sks ball", num_inference_steps=2, generator=g, output_type="np").images
 
 
+def _changed(model: torch.nn.Module, base: torch.nn.Module) -> bool:
+    base_sd = base.state_dict()
+    return any(not torch.equal(v, base_sd[k]) for k, v in model.state_dict().items())
+
+
 def _base_pipe() -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_pretrained(resolve_pretrained("builtin:tiny-sd"), safety_checker=None)
 
@@ -52,14 +57,8 @@ def test_fit_full_exports_a_pipeline_folder(run_args, train_text_encoder):
     folder = Path(cli.trainer.log_dir) / "export" / "pipeline"
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     base = _base_pipe()
-    unet_changed = any(
-        not torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), base.unet.state_dict().values())
-    )
-    te_changed = any(
-        not torch.equal(a, b)
-        for a, b in zip(pipe.text_encoder.state_dict().values(), base.text_encoder.state_dict().values())
-    )
-    assert unet_changed and te_changed == train_text_encoder
+    assert _changed(pipe.unet, base.unet)
+    assert _changed(pipe.text_encoder, base.text_encoder) == train_text_encoder
     assert _render(pipe).shape == (1, 64, 64, 3)
 
 
@@ -75,7 +74,7 @@ def test_lora_checkpoint_holds_only_trained_weights_and_resumes(run_args, tmp_pa
     # The file is the trained weights plus AdamW's two moments, plus small overhead.
     n_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
     assert 3 * n_bytes <= ckpt_path.stat().st_size <= 3 * n_bytes + 2_000_000
-    saved_step = ckpt["optimizer_states"][0]["state"][0]["step"]
+    saved_step = float(ckpt["optimizer_states"][0]["state"][0]["step"])
 
     resumed = cli_main(
         run_args("--model.train_text_encoder=true", "--trainer.callbacks+=tests.helpers.RecordStart", steps=4)

@@ -1,0 +1,120 @@
+"""A procedurally drawn toy subject for the demo and the tests: a teal-and-orange checkered ball with a yellow star.
+
+Deterministic: the same ``seed`` gives the same images, byte for byte. Each image shows the one ball at another
+position, size and checker phase, on another background (wall colour, floor colour and horizon height), the
+way a set of photos of one object varies.
+
+    python -m datamodules.toy_subject --out demo_data/toy_subject [--num-images 5] [--resolution 64] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from datamodules.images import save_image_atomic
+
+TEAL = (0, 150, 150)
+ORANGE = (250, 120, 20)
+YELLOW = (255, 220, 0)
+STAR_EDGE = (120, 70, 0)
+WALLS = [(225, 230, 240), (240, 225, 205), (205, 225, 205), (235, 210, 225), (200, 210, 230), (245, 240, 220)]
+FLOORS = [(150, 120, 95), (110, 110, 120), (170, 160, 140), (95, 125, 95), (160, 140, 160), (120, 100, 80)]
+SUPERSAMPLE = 4  # drawn at 4x and downsampled, for smooth edges
+
+
+def _star(cx: float, cy: float, outer: float, inner: float, turn: float) -> list[tuple[float, float]]:
+    points = []
+    for k in range(10):
+        r = outer if k % 2 == 0 else inner
+        a = turn + k * math.pi / 5 - math.pi / 2
+        points.append((cx + r * math.cos(a), cy + r * math.sin(a)))
+    return points
+
+
+def draw_toy_image(resolution: int, rng: random.Random) -> Image.Image:
+    """One image of the toy ball, with position, size, checker phase and background drawn from ``rng``."""
+    s = resolution * SUPERSAMPLE
+    wall, floor = rng.choice(WALLS), rng.choice(FLOORS)
+    horizon = int(s * rng.uniform(0.45, 0.7))
+    img = Image.new("RGB", (s, s), wall)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, horizon, s, s], fill=floor)
+
+    radius = s * rng.uniform(0.22, 0.34)
+    cx = s * rng.uniform(0.5 - 0.45 + radius / s, 0.5 + 0.45 - radius / s)
+    cy = min(horizon + s * rng.uniform(-0.05, 0.2), s - radius * 1.05) - radius * 0.25
+    cy = max(cy, radius * 1.05)
+    # Soft shadow on the floor under the ball.
+    shadow = (max(0, floor[0] - 45), max(0, floor[1] - 45), max(0, floor[2] - 45))
+    draw.ellipse([cx - radius, cy + radius * 0.8, cx + radius, cy + radius * 1.1], fill=shadow)
+
+    # Checker pattern, masked by the ball's disc.
+    cell = radius / 2.2
+    phase_x, phase_y = rng.uniform(0, cell), rng.uniform(0, cell)
+    checker = Image.new("RGB", (s, s), TEAL)
+    cdraw = ImageDraw.Draw(checker)
+    x0, y0 = cx - radius - phase_x, cy - radius - phase_y
+    for row in range(int(2 * radius / cell) + 3):
+        for col in range(int(2 * radius / cell) + 3):
+            if (row + col) % 2:
+                x, y = x0 + col * cell, y0 + row * cell
+                cdraw.rectangle([x, y, x + cell, y + cell], fill=ORANGE)
+    mask = Image.new("L", (s, s), 0)
+    ImageDraw.Draw(mask).ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=255)
+    img.paste(checker, (0, 0), mask)
+    draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=(40, 40, 40), width=max(1, s // 128))
+
+    # The yellow star, slightly off-centre like a printed logo, with a dark rim.
+    star_cx = cx + radius * rng.uniform(-0.2, 0.2)
+    star_cy = cy + radius * rng.uniform(-0.2, 0.1)
+    star = _star(star_cx, star_cy, radius * 0.55, radius * 0.23, rng.uniform(-0.3, 0.3))
+    draw.polygon(star, fill=YELLOW, outline=STAR_EDGE, width=max(1, s // 160))
+    # A highlight that makes it read as a sphere.
+    hx, hy, hr = cx - radius * 0.45, cy - radius * 0.5, radius * 0.13
+    draw.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=(255, 255, 255))
+    return img.resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def draw_toy_subject(out_dir: str | Path, num_images: int = 5, resolution: int = 64, seed: int = 0) -> list[Path]:
+    """Write ``num_images`` images of the toy ball into ``out_dir`` as ``toy_{i:02d}.png``; return their paths.
+
+    Args:
+        out_dir: Folder to write to; created if missing. Existing files of the same names are replaced.
+        num_images: How many images to draw.
+        resolution: Side of the square images, in pixels.
+        seed: Seed of the variations; the same seed gives the same images.
+    """
+    if num_images <= 0 or resolution <= 0:
+        raise ValueError(f"num_images and resolution must be positive, got {num_images} and {resolution}.")
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(num_images):
+        rng = random.Random(seed * 1_000_003 + i)  # one stream per image: image i does not depend on num_images
+        paths.append(save_image_atomic(draw_toy_image(resolution, rng), out / f"toy_{i:02d}.png"))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m datamodules.toy_subject",
+        description="Draw the demo's toy subject: a teal-and-orange checkered ball with a yellow star.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the images to")
+    parser.add_argument("--num-images", type=int, default=5, help="how many images (default 5)")
+    parser.add_argument("--resolution", type=int, default=64, help="side of the square images in pixels (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the variations (default 0)")
+    args = parser.parse_args(argv)
+    if args.num_images <= 0 or args.resolution <= 0:
+        parser.error("--num-images and --resolution must be positive")
+    for path in draw_toy_subject(args.out, args.num_images, args.resolution, args.seed):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

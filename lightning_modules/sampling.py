@@ -1,0 +1,81 @@
+"""Rendering settings and seeded rendering, Lightning-free; shared by validation, ``predict`` and ``test``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableDiffusionPipeline
+from torch import Tensor
+
+from lightning_modules.pipeline import SAMPLERS, SamplerName
+
+
+@dataclass
+class SamplingSettings:
+    """How images are rendered.
+
+    Args:
+        num_images_per_prompt: Images per prompt (grid columns).
+        negative_prompt: Text the sampler steers away from (classifier-free guidance); empty for none.
+        guidance_scale: Classifier-free guidance scale; 1 disables guidance.
+        num_inference_steps: Sampler steps.
+        height: Image height in pixels (a multiple of 8); defaults to the training resolution.
+        width: Image width in pixels (a multiple of 8); defaults to the training resolution.
+        sampler: ``dpm++`` (DPM-Solver++ multistep), ``ddim``, ``euler_a`` (Euler ancestral) or ``pndm``.
+        lora_scale: Strength of the LoRA update when rendering (0 renders the base model).
+    """
+
+    num_images_per_prompt: int = 2
+    negative_prompt: str = ""
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 25
+    height: int | None = None
+    width: int | None = None
+    sampler: SamplerName = "dpm++"
+    lora_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"Unknown sampler {self.sampler!r}: choose one of {sorted(SAMPLERS)}.")
+        for side in ("height", "width"):
+            value = getattr(self, side)
+            if value is not None and (value <= 0 or value % 8):
+                raise ValueError(f"sampling.{side} must be a positive multiple of 8, got {value}.")
+        if self.num_images_per_prompt <= 0 or self.num_inference_steps <= 0:
+            raise ValueError("sampling.num_images_per_prompt and sampling.num_inference_steps must be positive.")
+
+
+def image_seed(prompt_seed: int, image_index: int) -> int:
+    """The seed of one image: fixed per (prompt, column), so grids at different steps compare image by image."""
+    return prompt_seed * 1000 + image_index
+
+
+@torch.no_grad()
+def render(
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    settings: SamplingSettings,
+    height: int,
+    width: int,
+) -> Tensor:
+    """Render one image per (prompt, seed) -> (N, 3, height, width) float in [0, 1].
+
+    Each image's starting noise comes from its own CPU generator, so an image does not depend on the batch it is
+    rendered in, on the device, or on the number of ranks.
+    """
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    negative = [settings.negative_prompt] * len(prompts) if settings.negative_prompt else None
+    out = pipe(
+        prompt=prompts,
+        negative_prompt=negative,
+        guidance_scale=settings.guidance_scale,
+        num_inference_steps=settings.num_inference_steps,
+        height=height,
+        width=width,
+        generator=generators,
+        output_type="pt",
+        cross_attention_kwargs={"scale": settings.lora_scale},
+    )
+    return out.images.float().clamp(0, 1)  # (N, 3, H, W)
