@@ -46,7 +46,7 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> None:
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter weights in the key layout diffusers' ``save_lora_weights`` / ``load_lora_weights`` use."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
 
 
 def lora_metadata(model: nn.Module) -> dict:
