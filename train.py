@@ -5,6 +5,9 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.export import DreamBoothExport
+from callbacks.grid import SampleGrid
+from callbacks.metrics import SubjectMetrics
+from callbacks.run_dir import SaveRunConfig
 from datamodules import DreamBoothDataModule
 from lightning_modules.dreambooth import DreamBoothModule
 
@@ -15,6 +18,10 @@ class DreamBoothCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for name in ("pretrained_model_name_or_path", "revision", "variant"):
             parser.link_arguments(f"model.{name}", f"data.{name}")
+        parser.link_arguments("data.resolution", "model.resolution")
+        # Always-present callbacks, configured as top-level groups (metrics score the renders before the grid logs them).
+        parser.add_lightning_class_args(SubjectMetrics, "metrics")
+        parser.add_lightning_class_args(SampleGrid, "grid")
         parser.add_lightning_class_args(DreamBoothExport, "export")
 
 
@@ -22,6 +29,7 @@ def cli_main(args: list[str] | None = None) -> DreamBoothCLI:
     return DreamBoothCLI(
         DreamBoothModule,
         DreamBoothDataModule,
+        save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
     )

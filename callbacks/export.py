@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.run_dir import run_dir
 from lightning_modules.export import export_full, export_lora
 
 
@@ -27,7 +28,7 @@ class DreamBoothExport(pl.Callback):
         self.last_export: Path | None = None
 
     def export_dir(self, trainer: pl.Trainer) -> Path:
-        return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export")
+        return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "export"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking or not trainer.is_global_zero:
@@ -41,3 +42,15 @@ class DreamBoothExport(pl.Callback):
             path = export_full(pl_module.unet, te, out, hp.pretrained_model_name_or_path, hp.revision, hp.variant)
         self.last_export = path
         rank_zero_info(f"Exported trained weights to {path}")
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                log_export_artifact(logger, out, "lora" if hp.use_lora else "full")
+
+
+def log_export_artifact(logger, folder: Path, kind: str) -> None:
+    """The export folder as a W&B model artifact (stored locally too when the run is offline)."""
+    import wandb
+
+    artifact = wandb.Artifact(name=f"dreambooth-{kind}-{logger.version}", type="model")
+    artifact.add_dir(str(folder))
+    logger.experiment.log_artifact(artifact)

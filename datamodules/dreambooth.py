@@ -11,8 +11,34 @@ from torch.utils.data import DataLoader
 from datamodules.class_images import generate_class_images
 from datamodules.datasets import DreamBoothDataset, collate_dreambooth
 from datamodules.images import check_image_folder, check_images, list_images
+from datamodules.prompts import resolve_templates
+from datamodules.validation import ValidationPromptDataset, collate_prompts, validation_sampler
 
 log = logging.getLogger(__name__)
+
+
+def validation_class_noun(
+    templates: list[str], pres_prompt: str | None, identifier: str, class_noun: str | None, instance_prompt: str
+) -> str:
+    """The class noun the validation prompts use: ``class_noun``, else the words after the identifier in the
+    instance prompt ("a photo of sks dog" -> "dog"). Fails before any model loads when neither gives one."""
+    words = instance_prompt.split()
+    if identifier not in words:
+        log.warning(
+            "data.identifier %r does not appear in data.instance_prompt %r: validation prompts name the subject by "
+            "the identifier, so they will not show the trained subject.",
+            identifier,
+            instance_prompt,
+        )
+    if class_noun:
+        return class_noun
+    derived = " ".join(words[words.index(identifier) + 1 :]) if identifier in words else ""
+    if not derived and any("{class_noun}" in t for t in [*templates, pres_prompt or ""]):
+        raise ValueError(
+            "data.class_noun is not set and cannot be read from data.instance_prompt (no word after the identifier), "
+            "but data.validation_prompts or data.pres_prompt use {class_noun}: set it (e.g. --data.class_noun dog)."
+        )
+    return derived
 
 
 class DreamBoothDataModule(pl.LightningDataModule):
@@ -43,6 +69,18 @@ class DreamBoothDataModule(pl.LightningDataModule):
         class_images_inference_steps: Sampler (DPM-Solver++) steps per generated class image.
         class_images_guidance_scale: Classifier-free guidance scale of the generated class images.
         seed: Seed of the generated class images (image ``i`` uses ``seed + i``).
+        validation_prompts: Prompts rendered at each validation: a list of templates with ``{identifier}`` and
+            ``{class_noun}``, or a built-in set: ``default`` (4 prompts), ``dreambench_object`` or ``dreambench_live`` (the
+            25 prompts of the DreamBooth evaluation for objects or for live subjects). An empty list renders only the
+            PRES prompt, if any.
+        identifier: The rare token that names the subject in the instance prompt, e.g. ``sks``.
+        class_noun: The subject's class noun in validation prompts, e.g. ``dog``; by default the words after the
+            identifier in the instance prompt ("a photo of sks dog" -> "dog").
+        pres_prompt: Template of the bare class prompt rendered for PRES (prior preservation), e.g. ``"a
+            {class_noun}"``; null to skip it.
+        validation_batch_size: Prompts rendered per validation step.
+        validation_seed: Base seed of the validation renders: prompt ``i``, image ``j`` use seed
+            ``(validation_seed + i) * 1000 + j``, the same at every validation.
     """
 
     def __init__(
@@ -65,8 +103,16 @@ class DreamBoothDataModule(pl.LightningDataModule):
         class_images_inference_steps: int = 25,
         class_images_guidance_scale: float = 7.5,
         seed: int = 0,
+        validation_prompts: str | list[str] = "default",
+        identifier: str = "sks",
+        class_noun: str | None = None,
+        pres_prompt: str | None = "a {class_noun}",
+        validation_batch_size: int = 4,
+        validation_seed: int = 0,
     ) -> None:
         super().__init__()
+        self.validation_templates = resolve_templates(validation_prompts, "data.validation_prompts")
+        resolve_templates([pres_prompt] if pres_prompt else [], "data.pres_prompt")
         if not instance_prompt.strip():
             raise ValueError("data.instance_prompt is empty: give the subject's caption, e.g. 'a photo of sks dog'.")
         if resolution <= 0 or resolution % 8:
@@ -102,6 +148,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 )
         self.save_hyperparameters()
         self.train_dataset: DreamBoothDataset | None = None  # built in setup("fit")
+        self.val_dataset: ValidationPromptDataset | None = None  # built in setup("fit" / "validate")
 
     def prepare_data(self) -> None:
         """Check the subject's images and generate the missing class images (once per node, on local rank 0)."""
@@ -126,7 +173,18 @@ class DreamBoothDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.train_dataset = self._build_train_dataset()
-        # Validation prompts (templated with identifier and class) will get their own dataset here.
+        if stage in ("fit", "validate"):
+            hp = self.hparams
+            noun = validation_class_noun(
+                self.validation_templates, hp.pres_prompt, hp.identifier, hp.class_noun, hp.instance_prompt
+            )
+            self.val_dataset = ValidationPromptDataset(
+                self.validation_templates, hp.identifier, noun, hp.pres_prompt, hp.validation_seed
+            )
+
+    def reference_images(self) -> list[Path]:
+        """The subject's real images, which validation renders are compared with (DINO, CLIP-I)."""
+        return check_image_folder(self.hparams.instance_data_dir, "data.instance_data_dir")
 
     def _class_images(self) -> list[Path]:
         """The first ``num_class_images`` class images (sorted by name), each checked to load."""
@@ -167,4 +225,15 @@ class DreamBoothDataModule(pl.LightningDataModule):
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             drop_last=False,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """The prompts to render, in order (Lightning spreads them across DDP ranks)."""
+        if self.val_dataset is None:
+            raise RuntimeError("DreamBoothDataModule.val_dataloader() needs setup('fit') or setup('validate') first.")
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.hparams.validation_batch_size,
+            sampler=validation_sampler(self.val_dataset),
+            collate_fn=collate_prompts,
         )

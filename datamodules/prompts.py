@@ -67,11 +67,22 @@ DREAMBENCH_LIVE_PROMPTS: tuple[str, ...] = (
     "a cube shaped {identifier} {class_noun}",
 )
 
-PROMPT_SETS = {"dreambench_object": DREAMBENCH_OBJECT_PROMPTS, "dreambench_live": DREAMBENCH_LIVE_PROMPTS}
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a photo of {identifier} {class_noun}",
+    "a {identifier} {class_noun} on the beach",
+    "a {identifier} {class_noun} in the snow",
+    "a red {identifier} {class_noun}",
+)
+
+PROMPT_SETS = {
+    "default": DEFAULT_PROMPTS,
+    "dreambench_object": DREAMBENCH_OBJECT_PROMPTS,
+    "dreambench_live": DREAMBENCH_LIVE_PROMPTS,
+}
 
 
 def resolve_templates(prompts: str | list[str], option: str = "data.validation_prompts") -> list[str]:
-    """A built-in set name (``dreambench_object``, ``dreambench_live``) or a list of templates -> templates.
+    """A built-in set name (``default``, ``dreambench_object``, ``dreambench_live``) or a list of templates -> templates.
 
     Raises ValueError naming the option and the placeholder when a template uses an unknown one.
     """

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import torch
 
 from datamodules.batch import DreamBoothBatch
+from datamodules.validation import ValidationBatch
 from lightning_modules.diffusion import (
     add_noise,
     diffusion_target,
@@ -16,6 +17,8 @@ from lightning_modules.diffusion import (
 )
 from lightning_modules.lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, inject_lora, lora_config
 from lightning_modules.optim import OptimizerName, SchedulerName, build_lr_scheduler, build_optimizer, param_groups
+from lightning_modules.pipeline import build_pipeline
+from lightning_modules.sampling import SamplingSettings, image_seed, render
 from lightning_modules.sd_loading import SDComponents, load_components
 
 # Lightning precision setting -> dtype in which the frozen modules are held and run.
@@ -55,6 +58,9 @@ class DreamBoothModule(pl.LightningModule):
         prior_loss_weight: Weight of the prior-preservation (class rows) term; 0 gives plain fine-tuning.
         gradient_checkpointing: Recompute activations in backward to save memory (UNet, and the text encoder when
             trained).
+        resolution: Training resolution in pixels; the default render size. Linked from ``data.resolution``.
+        sampling: How validation (and ``predict``) renders images: images per prompt, guidance, steps, sampler,
+            size, negative prompt, LoRA scale.
     """
 
     def __init__(
@@ -80,6 +86,8 @@ class DreamBoothModule(pl.LightningModule):
         lr_warmup_steps: int = 0,
         prior_loss_weight: float = 1.0,
         gradient_checkpointing: bool = False,
+        resolution: int = 512,
+        sampling: SamplingSettings = SamplingSettings(),
     ) -> None:
         super().__init__()
         if use_lora:  # fail at config time, before any weight loads
@@ -89,7 +97,10 @@ class DreamBoothModule(pl.LightningModule):
         if prior_loss_weight < 0:
             raise ValueError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
         self.save_hyperparameters()
+        # hparams hold a plain dict (for checkpoints and loggers); the module reads the typed settings.
+        self.sampling = sampling if isinstance(sampling, SamplingSettings) else SamplingSettings(**sampling)
         self.parts: SDComponents | None = None  # loaded in configure_model
+        self._pipe = None  # a sampling pipeline around the live modules, built per validation run
         # Checkpoints hold only the trained weights, so loading one is partial by design (see on_load_checkpoint).
         self.strict_loading = False
 
@@ -166,6 +177,35 @@ class DreamBoothModule(pl.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = build_lr_scheduler(hp.lr_scheduler, optimizer, hp.lr_warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Asking to stop at the last step makes Lightning validate there too, so every run ends with a grid.
+        if self.trainer.max_steps > 0 and self.trainer.global_step >= self.trainer.max_steps:
+            self.trainer.should_stop = True
+
+    # ----------------------------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._pipe = build_pipeline(self.parts, self.sampling.sampler)
+
+    def validation_step(self, batch: ValidationBatch, batch_idx: int) -> dict:
+        """Render ``num_images_per_prompt`` images per prompt with fixed seeds; callbacks grid and score them."""
+        s = self.sampling
+        n = s.num_images_per_prompt
+        prompts = [p for p in batch["prompts"] for _ in range(n)]  # (P * n,)
+        seeds = [image_seed(int(ps), j) for ps in batch["prompt_seed"] for j in range(n)]
+        height, width = s.height or self.hparams.resolution, s.width or self.hparams.resolution
+        images = render(self._pipe, prompts, seeds, s, height, width)  # (P * n, 3, H, W) in [0, 1]
+        return {
+            "images": images.cpu(),
+            "prompts": prompts,
+            "seeds": seeds,
+            "prompt_index": batch["prompt_index"].repeat_interleave(n).tolist(),
+            "image_index": list(range(n)) * len(batch["prompts"]),
+            "is_class_prompt": batch["is_class_prompt"].repeat_interleave(n).tolist(),
+        }
+
+    def on_validation_epoch_end(self) -> None:
+        self._pipe = None
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def trained_state_keys(self) -> set[str]:

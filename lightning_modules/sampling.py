@@ -11,7 +11,7 @@ from torch import Tensor
 from lightning_modules.pipeline import SAMPLERS, SamplerName
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingSettings:
     """How images are rendered.
 

@@ -101,6 +101,7 @@ class SubjectFidelity(_HeldModelsMetric):
         ref = self.reference_embeddings  # (R, D)
         emb = self.encoder(images).to(ref)  # (N, D)
         cos = emb @ ref.T  # (N, R)
+        self.last_per_image = cos.mean(dim=1).detach()  # (N,) for per-image tables; not a state, never synced
         self.cos_sum += cos.sum().to(self.cos_sum)
         self.pair_count += cos.numel()
 
@@ -143,7 +144,9 @@ class PromptFidelity(_HeldModelsMetric):
             raise ValueError(f"expected one prompt per image ({images.shape[0]}), got {prompts!r}")
         img = self.encoder(images)  # (N, D)
         txt = self.encoder.encode_text(list(prompts)).to(img)  # (N, D)
-        self.cos_sum += (img * txt).sum().to(self.cos_sum)
+        cos = (img * txt).sum(dim=1)  # (N,)
+        self.last_per_image = cos.detach()  # for per-image tables; not a state, never synced
+        self.cos_sum += cos.sum().to(self.cos_sum)
         self.count += images.shape[0]
 
     def compute(self) -> Tensor:

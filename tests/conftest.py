@@ -44,7 +44,9 @@ def run_args(tmp_path, toy_subject_dir, class_images_dir):
             "--config", str(ROOT / "configs" / "demo.yaml"),
             "--trainer.max_steps", str(steps),
             "--trainer.default_root_dir", str(tmp_path / "runs"),
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            # CSV by default (fast); the W&B tests set the logger back to W&B (offline).
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir", str(tmp_path / "runs"),
             "--trainer.enable_progress_bar", "false",
             "--data.instance_data_dir", str(toy_subject_dir),
             "--data.class_data_dir", str(class_dir),

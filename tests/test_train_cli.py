@@ -12,6 +12,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from callbacks.run_dir import run_dir
 from lightning_modules.builtin_models import resolve_pretrained
 from train import cli_main
 
@@ -37,12 +38,12 @@ def _base_pipe() -> StableDiffusionPipeline:
 def test_fit_lora_exports_a_file_diffusers_loads(run_args, train_text_encoder):
     cli = cli_main(run_args(f"--model.train_text_encoder={train_text_encoder}", steps=3))
     assert cli.trainer.global_step == 3
-    export = Path(cli.trainer.log_dir) / "export"
+    export = run_dir(cli.trainer) / "export"
     weights = load_file(export / "pytorch_lora_weights.safetensors")
     assert weights and all("lora" in k for k in weights)
     assert any(k.startswith("unet.") for k in weights)
     assert any(k.startswith("text_encoder.") for k in weights) == train_text_encoder
-    assert (Path(cli.trainer.log_dir) / "config.yaml").is_file()
+    assert (run_dir(cli.trainer) / "config.yaml").is_file()
 
     base = _render(_base_pipe())
     pipe = _base_pipe()
@@ -54,7 +55,7 @@ def test_fit_lora_exports_a_file_diffusers_loads(run_args, train_text_encoder):
 @pytest.mark.parametrize("train_text_encoder", [False, True], ids=["unet", "unet+te"])
 def test_fit_full_exports_a_pipeline_folder(run_args, train_text_encoder):
     cli = cli_main(run_args("--model.use_lora=false", f"--model.train_text_encoder={train_text_encoder}"))
-    folder = Path(cli.trainer.log_dir) / "export" / "pipeline"
+    folder = run_dir(cli.trainer) / "export" / "pipeline"
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     base = _base_pipe()
     assert _changed(pipe.unet, base.unet)
@@ -88,7 +89,7 @@ def test_lora_checkpoint_holds_only_trained_weights_and_resumes(run_args, tmp_pa
 
 def test_loss_is_logged(run_args):
     cli = cli_main(run_args("--trainer.log_every_n_steps=1", steps=2))
-    metrics = (Path(cli.trainer.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    metrics = (run_dir(cli.trainer) / "metrics.csv").read_text().splitlines()[0].split(",")
     for name in ("train/loss", "train/loss_instance", "train/loss_prior", "train/lr_unet", "train/lr_text_encoder"):
         assert name in metrics
 

@@ -1,0 +1,112 @@
+"""Subject-fidelity and prompt-fidelity metrics of the validation renders: ``val/dino``, ``val/clip_i``,
+``val/clip_t`` and, optionally, ``val/pres`` and ``val/div``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from datamodules.images import load_image
+from metrics import Diversity, PreservationScore, PromptFidelity, SubjectFidelity, load_clip, load_dino
+from metrics.subject import strip_identifier
+
+
+class SubjectMetrics(pl.Callback):
+    """Scores every validation run against the subject's real images, with the DreamBench metrics.
+
+    Encoders load once (in ``setup``), in eval mode, without grad, on the training device; they are held by this
+    callback, so they never enter a checkpoint. The real images' embeddings are computed once. Metrics are
+    torchmetrics ``Metric``s, so under DDP each rank scores its own prompts and ``compute`` synchronizes them.
+    ``ModelCheckpoint(monitor="val/dino", mode="max")`` can keep the best step.
+
+    Args:
+        enabled: Set to false to skip the metrics (the grid is still rendered).
+        dino_model: DINO ViT for ``val/dino`` and ``val/pres``: a hub id (``facebook/dino-vits16``, the
+            protocol's) or ``builtin:tiny-dino`` (offline tests).
+        clip_model: open_clip architecture for ``val/clip_i`` and ``val/clip_t`` (``ViT-B-32``, ``ViT-L-14``, ...), or
+            ``builtin:tiny-clip``.
+        clip_pretrained: open_clip pretrained tag (``openai``); null for the built-in model.
+        pres: Log ``val/pres`` (lower is better): DINO between the real images and renders of the bare class prompt
+            (``data.pres_prompt``).
+        div: Log ``val/div`` (higher is better): mean pairwise distance between renders of the same prompt.
+        div_distance: ``lpips`` (the protocol's; downloads AlexNet weights once) or ``dino`` (1 - DINO cosine,
+            offline). Reports must say which.
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        dino_model: str = "facebook/dino-vits16",
+        clip_model: str = "ViT-B-32",
+        clip_pretrained: str | None = "openai",
+        pres: bool = True,
+        div: bool = False,
+        div_distance: Literal["lpips", "dino"] = "lpips",
+    ) -> None:
+        self.enabled = enabled
+        self.dino_model, self.clip_model, self.clip_pretrained = dino_model, clip_model, clip_pretrained
+        self.pres, self.div, self.div_distance = pres, div, div_distance
+        self.metrics: dict[str, torch.nn.Module] = {}
+        self.identifier = ""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.enabled or self.metrics or stage not in ("fit", "validate"):
+            return
+        datamodule = trainer.datamodule
+        references = [pil_to_tensor(load_image(p)).float() / 255 for p in datamodule.reference_images()]
+        dino = load_dino(self.dino_model)
+        clip = load_clip(self.clip_model, self.clip_pretrained)
+        self.identifier = datamodule.hparams.identifier
+        metrics = {"val/dino": SubjectFidelity(dino, references), "val/clip_i": SubjectFidelity(clip, references)}
+        metrics["val/clip_t"] = PromptFidelity(clip)
+        if self.pres and datamodule.hparams.pres_prompt:
+            metrics["val/pres"] = PreservationScore(dino, references)
+        if self.div:
+            metrics["val/div"] = Diversity(self.div_distance, encoder=dino if self.div_distance == "dino" else None)
+        self.metrics = {name: m.to(pl_module.device) for name, m in metrics.items()}
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not self.metrics or not outputs:
+            return
+        images = outputs["images"].to(pl_module.device)  # (N, 3, H, W) in [0, 1]
+        is_class = torch.tensor(outputs["is_class_prompt"], dtype=torch.bool, device=images.device)  # (N,)
+        subject = images[~is_class]
+        scores: dict[str, torch.Tensor] = {}
+        if len(subject):
+            prompts = [
+                strip_identifier(p, self.identifier)
+                for p, c in zip(outputs["prompts"], outputs["is_class_prompt"], strict=True)
+                if not c
+            ]
+            for name in ("val/dino", "val/clip_i"):
+                self.metrics[name].update(subject)
+            self.metrics["val/clip_t"].update(subject, prompts)
+            if "val/div" in self.metrics:
+                ids = torch.tensor(outputs["prompt_index"], device=images.device)[~is_class]
+                self.metrics["val/div"].update(subject, ids)
+            for name in ("val/dino", "val/clip_i", "val/clip_t"):
+                per_image = torch.full((len(images),), float("nan"))
+                per_image[~is_class.cpu()] = self.metrics[name].last_per_image.float().cpu()
+                scores[name.removeprefix("val/")] = per_image
+        if is_class.any() and "val/pres" in self.metrics:
+            self.metrics["val/pres"].update(images[is_class])
+        outputs["scores"] = scores  # per-image scores for the grid callback's table
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.metrics:
+            return
+        values = {name: metric.compute().float() for name, metric in self.metrics.items()}  # synchronized
+        # Logged directly at the optimizer step the renders were made after (0 = the base model, before training),
+        # the step of the grid too; Lightning's own logging would drop the pre-training baseline.
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({k: v.item() for k, v in values.items()}, step=trainer.global_step)
+        if not trainer.sanity_checking:
+            trainer.callback_metrics.update(values)  # what ModelCheckpoint(monitor="val/dino") reads
