@@ -110,3 +110,12 @@ def test_train_py_runs_as_a_script(run_args):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Exported trained weights to" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("overlay", sorted((ROOT / "configs" / "strategies").glob("*.yaml")), ids=lambda p: p.name)
+def test_strategy_overlays_compose_with_the_full_configs(overlay, capsys):
+    base = "sd15_lora.yaml" if "lora" in overlay.read_text() or "ddp" in overlay.name else "sd15_dreambooth.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(ROOT / "configs" / base), "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "strategy" in capsys.readouterr().out

@@ -1,0 +1,54 @@
+"""A 2-process DDP fit on the CPU (gloo), as a user launches it: class images made once, prompts spread across
+ranks, metrics synchronized, files written by rank 0 only, no hang at the end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from callbacks.grid import LABEL_HEIGHT
+from callbacks.run_dir import run_dir
+from train import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _val_rows(metrics_csv: Path) -> dict[int, dict]:
+    with open(metrics_csv) as f:
+        return {int(r["step"]): r for r in csv.DictReader(f) if r.get("val/dino")}
+
+
+def test_two_process_ddp_fit(run_args, tmp_path):
+    args = run_args(steps=2)
+    args[args.index("--data.class_data_dir") + 1] = str(tmp_path / "ddp_class")  # an empty folder: generated here
+    cmd = [sys.executable, "train.py", *args, "--trainer.strategy=ddp", "--trainer.devices=2"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    # Class images: generated once in total, none missing, none twice.
+    class_dir = tmp_path / "ddp_class"
+    assert sorted(p.name for p in class_dir.glob("*.png")) == [f"class_{i:05d}.png" for i in range(4)]
+    record = json.loads((class_dir / "class_images.json").read_text())
+    assert len(record["images"]) == 4
+    assert result.stdout.count("Exported trained weights to") + result.stderr.count("Exported trained weights to") == 1
+
+    # Rank 0 alone wrote the run directory: one version, with the export, grids and logs.
+    (version,) = (tmp_path / "runs" / "lightning_logs").iterdir()
+    assert (version / "export" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (version / "grids").glob("*.png")) == ["step_000000.png", "step_000002.png"]
+    # Every prompt rendered once across the two ranks: 4 subject prompts + the PRES prompt, 2 images each.
+    grid = Image.open(version / "grids" / "step_000000.png")
+    assert grid.height == LABEL_HEIGHT + 5 * (LABEL_HEIGHT + 64)
+    ddp_rows = _val_rows(version / "metrics.csv")
+    assert sorted(ddp_rows) == [0, 2]
+
+    # Synchronized metrics: the baseline (step 0) equals a single process's, which rendered every prompt itself.
+    single = cli_main(run_args(steps=1))
+    single_rows = _val_rows(run_dir(single.trainer) / "metrics.csv")
+    for name in ("val/dino", "val/clip_i", "val/clip_t", "val/pres", "val/div"):
+        assert abs(float(ddp_rows[0][name]) - float(single_rows[0][name])) < 1e-4, name
