@@ -1,0 +1,170 @@
+"""Single-file Stable Diffusion 1.x checkpoints, as shared on model sites, Lightning-free.
+
+- Reading: ``.safetensors``, or a pickle-based ``.ckpt`` / ``.pt`` / ``.pth`` only through
+  ``torch.load(weights_only=True)``, which builds tensors and plain containers and refuses everything else, so a
+  file that would run code on unpickling is refused before any of it runs. The architecture is checked from the
+  key names first (SD 1.x, not SD 2.x / SDXL), then diffusers' ``from_single_file`` converts the weights, with the
+  diffusers configs (architecture, tokenizer, scheduler) taken from a local folder or a hub id (only its small
+  config files are fetched, and from the local cache when offline).
+- Writing: :func:`save_single_file` writes the UNet, VAE and text encoder of a pipeline in the original layout
+  (:mod:`lightning_modules.sd_layout`), as AUTOMATIC1111 and ComfyUI load it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_modules.builtin_models import resolve_pretrained
+from lightning_modules.sd_layout import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, to_original_layout
+
+SAFETENSORS_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
+SINGLE_FILE_SUFFIXES = (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)
+DEFAULT_SINGLE_FILE_CONFIG = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SINGLE_FILE_NAME = "model.safetensors"
+
+# Key prefixes that identify the model family of an original-layout checkpoint.
+_OTHER_FAMILIES = {
+    "conditioner.embedders.": "SDXL",
+    "cond_stage_model.model.": "Stable Diffusion 2.x (OpenCLIP text encoder)",
+    "text_encoders.": "Stable Diffusion 3",
+    "double_blocks.": "Flux",
+    "model.diffusion_model.double_blocks.": "Flux",
+    "model.diffusion_model.joint_blocks.": "Stable Diffusion 3",
+}
+
+
+def is_single_file(path: str | Path) -> bool:
+    """Whether ``path`` names a single-file checkpoint (by its suffix; it need not exist)."""
+    return Path(str(path)).suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
+def read_checkpoint_keys(path: str | Path) -> list[str]:
+    """The weight names of a single-file checkpoint, read without running code and without loading the weights.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: an unknown suffix, or a pickle that ``torch.load(weights_only=True)`` refuses (it would need to
+            import and call code to load); the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Single-file checkpoint {str(path)!r} does not exist.")
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    if suffix in PICKLE_SUFFIXES:
+        return list(load_pickle_checkpoint(path))
+    raise ValueError(f"{str(path)!r}: unknown checkpoint format {suffix!r}; give a {' / '.join(SINGLE_FILE_SUFFIXES)}.")
+
+
+def load_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A ``.ckpt`` state dict through ``torch.load(weights_only=True)`` (memory-mapped when the file allows it).
+
+    ``weights_only`` unpickles tensors and plain containers only; a file that names any other callable (which is how
+    a pickle runs code) is refused before anything of it runs.
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        needs = f" (it names {found.group(1)})" if found else ""
+        raise ValueError(
+            f"Refusing to load {str(path)!r}: it is a pickle that needs more than tensors to load{needs}, and "
+            "unpickling it could execute code. Use a .safetensors version of the model (model sites usually offer "
+            "one), or convert it in a sandbox you trust."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{str(path)!r} is no readable PyTorch checkpoint: {e}") from e
+    while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a state dict of named weights.")
+    return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+
+
+def check_sd1_keys(keys: Iterable[str], path: str | Path) -> None:
+    """Refuse, naming the file, a checkpoint that is no complete SD 1.x model in the original layout."""
+    keys = list(keys)
+    for prefix, family in _OTHER_FAMILIES.items():
+        if any(k.startswith(prefix) for k in keys):
+            raise ValueError(
+                f"{str(path)!r} is a {family} checkpoint (it has {prefix}* weights); this project trains "
+                "Stable Diffusion 1.x."
+            )
+    parts = {UNET_PREFIX: "UNet", VAE_PREFIX: "VAE", TEXT_ENCODER_PREFIX: "CLIP text encoder"}
+    missing = [f"{name} ({prefix}*)" for prefix, name in parts.items() if not any(k.startswith(prefix) for k in keys)]
+    if missing:
+        raise ValueError(
+            f"{str(path)!r} is no complete Stable Diffusion 1.x checkpoint in the original layout: it lacks the "
+            f"{', '.join(missing)} weights (found e.g. {keys[:3]})."
+        )
+
+
+def check_single_file(path: str | Path) -> None:
+    """Check that ``path`` is a readable SD 1.x single-file checkpoint, without loading its weights."""
+    check_sd1_keys(read_checkpoint_keys(path), path)
+
+
+def load_single_file_pipeline(
+    path: str | Path,
+    config: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    **components: nn.Module,
+) -> StableDiffusionPipeline:
+    """A ``StableDiffusionPipeline`` from a single-file SD 1.x checkpoint, through diffusers' ``from_single_file``.
+
+    Args:
+        path: The ``.safetensors`` (or ``.ckpt``, loaded with ``weights_only``) file.
+        config: A diffusers folder, hub id or ``builtin:<name>`` whose configs describe the checkpoint's architecture
+            (and provide tokenizer and scheduler); defaults to SD 1.5's.
+        torch_dtype: Dtype of the loaded weights.
+        components: Modules to use instead of loading them from the file (e.g. a trained ``unet``).
+    """
+    path = Path(path)
+    check_single_file(path)
+    config = resolve_pretrained(config or DEFAULT_SINGLE_FILE_CONFIG)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=config,
+            torch_dtype=torch_dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            **components,
+        )
+    except Exception as e:  # diffusers' messages name neither the file nor the config; add both
+        raise ValueError(
+            f"Could not load {str(path)!r} as Stable Diffusion 1.x with the diffusers configs of {config!r} "
+            f"(model.single_file_config; a diffusers folder or hub id of the same architecture, whose config files "
+            f"must be local when offline): {type(e).__name__}: {e}"
+        ) from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_single_file(pipe: StableDiffusionPipeline, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write the pipeline's UNet, VAE and text encoder as one ``.safetensors`` in the original SD 1.x layout."""
+    state = to_original_layout(
+        pipe.unet.state_dict(),
+        pipe.unet.config,
+        pipe.vae.state_dict(),
+        pipe.vae.config,
+        pipe.text_encoder.state_dict(),
+    )
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    header = {"format": "pt", "modelspec.architecture": "stable-diffusion-v1", **(metadata or {})}
+    save_file(state, str(path), metadata=header)
+    return Path(path)
