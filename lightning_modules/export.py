@@ -1,7 +1,10 @@
-"""Exports that other tools load, written atomically, Lightning-free.
+"""Exports that other tools load, written atomically, Lightning-free, and loading them back.
 
-- LoRA: ``pytorch_lora_weights.safetensors`` in the layout diffusers' ``load_lora_weights`` reads.
-- Full fine-tune: ``pipeline/``, a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` reads.
+- LoRA: ``pytorch_lora_weights.safetensors`` in the layout diffusers' ``load_lora_weights`` reads, and
+  ``pytorch_lora_weights_kohya.safetensors`` in the kohya layout AUTOMATIC1111 and ComfyUI read.
+- Full fine-tune: ``pipeline/``, a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` reads, and
+  (optionally) ``model.safetensors``, one file in the original SD 1.x layout (``from_single_file``, AUTOMATIC1111,
+  ComfyUI).
 """
 
 from __future__ import annotations
@@ -19,9 +22,16 @@ from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from lightning_modules.lora import lora_metadata, lora_state_dict
-from lightning_modules.sd_loading import check_model_path
+from lightning_modules.lora_formats import (
+    KOHYA_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    load_lora_into_pipeline,
+    save_kohya_lora,
+    with_text_model_prefix,
+)
+from lightning_modules.sd_loading import load_pipeline
+from lightning_modules.single_file import SINGLE_FILE_NAME, save_single_file
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PIPELINE_DIRNAME = "pipeline"
 INFO_NAME = "export_info.json"
 
@@ -61,21 +71,36 @@ def check_finite(models: dict[str, nn.Module]) -> None:
                 raise FloatingPointError(f"Not exporting: {model_name}.{name} holds NaN or infinite values.")
 
 
-def export_lora(unet: nn.Module, text_encoder: nn.Module, out_dir: str | Path, base_model: str) -> Path:
-    """Write the UNet (and text-encoder, when it has one) LoRA adapters as one diffusers LoRA file."""
+def export_lora(
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    out_dir: str | Path,
+    base_model: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    single_file_config: str | None = None,
+) -> Path:
+    """Write the UNet (and text-encoder, when it has one) LoRA adapters as a diffusers and a kohya LoRA file.
+
+    The base model's name (``revision``, ``variant``, ``single_file_config``) is recorded so :func:`load_export`
+    can rebuild the pipeline.
+    """
     check_finite({"unet": unet, "text_encoder": text_encoder})
     te = has_lora(text_encoder)
     with atomic_directory(out_dir) as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp,
             unet_lora_layers=lora_state_dict(unet),
-            text_encoder_lora_layers=lora_state_dict(text_encoder) if te else None,
+            # With the ``text_model.`` level, so that transformers < 5.6 (not flattened) finds the layers too.
+            text_encoder_lora_layers=with_text_model_prefix(lora_state_dict(text_encoder)) if te else None,
             unet_lora_adapter_metadata=lora_metadata(unet),
             text_encoder_lora_adapter_metadata=lora_metadata(text_encoder) if te else None,
             weight_name=LORA_WEIGHT_NAME,
             safe_serialization=True,
         )
-        _write_info(tmp, base_model, kind="lora", files=[LORA_WEIGHT_NAME])
+        save_kohya_lora(unet, text_encoder if te else None, tmp / KOHYA_WEIGHT_NAME, base_model)
+        files = [LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME]
+        _write_info(tmp, "lora", files, base_model, revision, variant, single_file_config)
     return Path(out_dir) / LORA_WEIGHT_NAME
 
 
@@ -86,24 +111,57 @@ def export_full(
     base_model: str,
     revision: str | None = None,
     variant: str | None = None,
+    single_file: bool = True,
+    single_file_config: str | None = None,
 ) -> Path:
-    """Write a diffusers pipeline folder: the trained UNet (and text encoder), the base model's other parts."""
+    """Write a diffusers pipeline folder: the trained UNet (and text encoder), the base model's other parts.
+
+    With ``single_file`` the same weights are also written as one ``model.safetensors`` in the original layout.
+    """
     trained = {"unet": unet} | ({"text_encoder": text_encoder} if text_encoder is not None else {})
     check_finite(trained)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        check_model_path(base_model),
-        revision=revision,
-        variant=variant,
-        safety_checker=None,
-        requires_safety_checker=False,
-        **trained,
-    )
+    pipe = load_pipeline(base_model, revision, variant, single_file_config=single_file_config, **trained)
     with atomic_directory(out_dir) as tmp:
         pipe.save_pretrained(tmp / PIPELINE_DIRNAME, safe_serialization=True)
-        _write_info(tmp, base_model, kind="full", files=[PIPELINE_DIRNAME])
+        files = [PIPELINE_DIRNAME]
+        if single_file:
+            save_single_file(pipe, tmp / SINGLE_FILE_NAME, metadata={"base_model": str(base_model)})
+            files.append(SINGLE_FILE_NAME)
+        _write_info(tmp, "full", files, base_model, revision, variant, single_file_config)
     return Path(out_dir) / PIPELINE_DIRNAME
 
 
-def _write_info(folder: Path, base_model: str, kind: str, files: list[str]) -> None:
-    info = {"kind": kind, "base_model": base_model, "files": files}
+def load_export(export_dir: str | Path, torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """A pipeline with the exported weights: the pipeline folder, or the base model with the LoRA file loaded."""
+    folder = Path(export_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Export folder {str(folder)!r} does not exist (fit writes <run dir>/export).")
+    info_path = folder / INFO_NAME
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is no export folder: it has no {INFO_NAME}.")
+    info = json.loads(info_path.read_text())
+    if info["kind"] == "full":
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder / PIPELINE_DIRNAME, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    base = info["base_model"]
+    pipe = load_pipeline(
+        base, info.get("revision"), info.get("variant"), torch_dtype, single_file_config=info.get("single_file_config")
+    )
+    return load_lora_into_pipeline(pipe, folder / LORA_WEIGHT_NAME)
+
+
+def _write_info(
+    folder: Path,
+    kind: str,
+    files: list[str],
+    base_model: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    single_file_config: str | None = None,
+) -> None:
+    info = {"kind": kind, "base_model": base_model, "revision": revision, "variant": variant}
+    info |= {"single_file_config": single_file_config, "files": files}
     (folder / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,196 @@
+"""LoRA files other tools load, and loading LoRA files with a check first, Lightning-free.
+
+- The kohya format (``lora_unet_*`` / ``lora_te_*`` modules with ``lora_down``, ``lora_up`` and ``alpha``) that
+  AUTOMATIC1111 and ComfyUI load: diffusers' ``convert_state_dict_to_kohya`` renames the peft weights; here the
+  SD 1.x text-encoder prefix (``lora_te_``, where diffusers writes SDXL's ``lora_te1_``) and the trained alphas
+  (diffusers writes alpha = rank) are set.
+- :func:`load_lora_into_pipeline`: a diffusers or kohya LoRA file is checked against the pipeline's UNet and text
+  encoder (model family, layer names, layer shapes) before diffusers' ``load_lora_weights`` loads it, so a LoRA made
+  for another architecture fails with a message that names the file and the mismatch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya, convert_state_dict_to_peft
+from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+ADAPTER = "default"
+TEXT_MODEL = "text_model."
+
+# Key prefixes / fragments of LoRA files made for other model families than SD 1.x.
+_OTHER_FAMILY_PREFIXES = {
+    "lora_te2_": "SDXL",
+    "text_encoder_2.": "SDXL",
+    "transformer.": "a transformer-based model (SD3, Flux, ...)",
+    "lora_transformer_": "a transformer-based model (SD3, Flux, ...)",
+    "diffusion_model.": "a transformer-based model (SD3, Flux, ...)",
+}
+_OTHER_FAMILY_FRAGMENTS = {"add_embedding": "SDXL", "label_emb": "SDXL"}
+
+
+def with_text_model_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CLIP text-encoder keys with the ``text_model.`` level that transformers < 5.6 and kohya tools expect.
+
+    transformers >= 5.6 flattened ``CLIPTextModel``; diffusers strips the level again where the model lacks it.
+    """
+    return {k if k.startswith(TEXT_MODEL) else TEXT_MODEL + k: v for k, v in state_dict.items()}
+
+
+def _alphas(model: nn.Module, kohya_prefix: str, add_text_model: bool = False) -> dict[str, float]:
+    """Kohya module name -> the alpha that gives each adapter's trained scale (kohya scales by alpha / rank)."""
+    alphas = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.r:
+            if add_text_model and not name.startswith(TEXT_MODEL):
+                name = TEXT_MODEL + name
+            alphas[kohya_prefix + name.replace(".", "_")] = module.scaling[ADAPTER] * module.r[ADAPTER]
+    return alphas
+
+
+def kohya_lora_state_dict(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, Tensor]:
+    """The UNet (and text-encoder) adapters in kohya's format, with the trained alpha of each module."""
+    peft = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet, save_embedding_layers=False).items()}
+    alphas = _alphas(unet, "lora_unet_")
+    if text_encoder is not None:
+        te = with_text_model_prefix(get_peft_model_state_dict(text_encoder, save_embedding_layers=False))
+        peft |= {f"text_encoder.{k}": v for k, v in te.items()}
+        alphas |= _alphas(text_encoder, "lora_te_", add_text_model=True)
+    kohya = {}
+    for key, value in convert_state_dict_to_kohya(peft).items():
+        if key.startswith("lora_te1_"):  # diffusers names the first text encoder as in SDXL; SD 1.x tools use lora_te_
+            key = "lora_te_" + key.removeprefix("lora_te1_")
+        kohya[key] = value.detach().contiguous()
+    for module in {k.split(".")[0] for k in kohya}:
+        if module not in alphas:
+            raise KeyError(f"No LoRA layer found for the kohya module {module!r}.")
+        kohya[f"{module}.alpha"] = torch.tensor(float(alphas[module]))
+    return kohya
+
+
+def save_kohya_lora(
+    unet: nn.Module, text_encoder: nn.Module | None, path: str | Path, base_model: str | None = None
+) -> Path:
+    """Write :func:`kohya_lora_state_dict` as a ``.safetensors`` with kohya's ``ss_*`` header entries."""
+    config = unet.peft_config[ADAPTER]
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.r),
+        "ss_network_alpha": str(float(config.lora_alpha)),
+        "ss_base_model_version": "sd_v1",
+        "ss_network_train_unet_only": str(text_encoder is None),
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+    }
+    if base_model:
+        metadata["ss_sd_model_name"] = str(base_model)
+    save_file(kohya_lora_state_dict(unet, text_encoder), str(path), metadata=metadata)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------- loading, checked
+def resolve_lora_file(path: str | Path) -> Path:
+    """A LoRA ``.safetensors`` file, or the diffusers file of an export folder; clear errors otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"LoRA file or export folder {str(path)!r} does not exist.")
+    if path.is_dir():
+        if not (path / LORA_WEIGHT_NAME).is_file():
+            raise FileNotFoundError(
+                f"{str(path)!r} holds no {LORA_WEIGHT_NAME}; give a LoRA .safetensors file or the export folder "
+                "of a LoRA run."
+            )
+        path = path / LORA_WEIGHT_NAME
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(
+            f"{str(path)!r}: only .safetensors LoRA files are read (pickle-based files can execute code when loaded)."
+        )
+    return path
+
+
+def _peft_layout(path: Path, state_dict: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """The file's weights as peft keys (``<module>.lora_A.weight``) per part, converted as diffusers converts them."""
+    for key in state_dict:
+        family = next((f for p, f in _OTHER_FAMILY_PREFIXES.items() if key.startswith(p)), None) or next(
+            (f for p, f in _OTHER_FAMILY_FRAGMENTS.items() if p in key), None
+        )
+        if family is not None:
+            raise ValueError(
+                f"{str(path)!r} is a LoRA for {family} (keys such as {key!r}), not for this Stable Diffusion 1.x model."
+            )
+    try:
+        converted, _ = StableDiffusionPipeline.lora_state_dict(dict(state_dict))
+    except Exception as e:
+        raise ValueError(f"{str(path)!r} is no LoRA file diffusers can read for Stable Diffusion 1.x: {e}") from e
+    unknown = [k for k in converted if not k.startswith(("unet.", "text_encoder."))]
+    if unknown or not converted:
+        raise ValueError(
+            f"{str(path)!r} holds no LoRA weights for a UNet or text encoder (keys such as {(unknown or ['none'])[0]!r})."
+        )
+    unet = {k.removeprefix("unet."): v for k, v in converted.items() if k.startswith("unet.")}
+    if unet and "lora_A" not in next(iter(unet)):
+        unet = convert_unet_state_dict_to_peft(unet)
+    te = {k.removeprefix("text_encoder."): v for k, v in converted.items() if k.startswith("text_encoder.")}
+    te = convert_state_dict_to_peft(convert_state_dict_to_diffusers(te)) if te else {}
+    return {"unet": unet, "text_encoder": te}
+
+
+def _layer_mismatch(model: nn.Module, key: str, weight: Tensor) -> str | None:
+    """Why the LoRA weight ``key`` (peft layout) does not fit ``model``, or None if it does."""
+    module_name, _, kind = key.partition(".lora_")
+    if not kind.startswith(("A.", "B.")):
+        return None  # magnitude vectors and the like are not checked here
+    try:
+        layer = model.get_submodule(module_name)
+    except AttributeError:
+        return f"`{module_name}` is no layer of it"
+    layer = getattr(layer, "base_layer", layer)
+    if isinstance(layer, nn.Linear):
+        features = {"A": ("input features", layer.in_features), "B": ("output features", layer.out_features)}
+    elif isinstance(layer, nn.Conv2d):
+        features = {"A": ("input channels", layer.in_channels), "B": ("output channels", layer.out_channels)}
+    else:
+        return f"`{module_name}` is a {type(layer).__name__}, which takes no LoRA"
+    what, expected = features[kind[0]]
+    got = weight.shape[1] if kind[0] == "A" else weight.shape[0]
+    if got != expected:
+        return f"`{module_name}` has {expected} {what}, the LoRA {got}"
+    return None
+
+
+def check_lora_file(path: str | Path, unet: nn.Module, text_encoder: nn.Module) -> Path:
+    """Check that a LoRA file fits ``unet`` / ``text_encoder``; return the file. Raises ``ValueError`` naming it."""
+    path = resolve_lora_file(path)
+    parts = _peft_layout(path, load_file(str(path)))
+    if not hasattr(text_encoder, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        parts["text_encoder"] = {k.removeprefix(TEXT_MODEL): v for k, v in parts["text_encoder"].items()}
+    models = {"unet": unet, "text_encoder": text_encoder}
+    problems = [
+        f"{name}: {why}"
+        for name, weights in parts.items()
+        for key, weight in weights.items()
+        if (why := _layer_mismatch(models[name], key, weight)) is not None
+    ]
+    if problems:
+        raise ValueError(
+            f"{str(path)!r} does not fit this model; it was made for another architecture or base model "
+            f"({len(problems)} mismatches, e.g. {'; '.join(problems[:3])})."
+        )
+    return path
+
+
+def load_lora_into_pipeline(
+    pipe: StableDiffusionPipeline, path: str | Path, adapter_name: str | None = None
+) -> StableDiffusionPipeline:
+    """Check a diffusers or kohya LoRA file (or a LoRA export folder) against ``pipe``, then load it with diffusers."""
+    path = check_lora_file(path, pipe.unet, pipe.text_encoder)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    return pipe
