@@ -16,7 +16,7 @@ class DreamBoothCLI(LightningCLI):
     """LightningCLI with the values that model and data share linked, so each is typed once."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        for name in ("pretrained_model_name_or_path", "revision", "variant"):
+        for name in ("pretrained_model_name_or_path", "revision", "variant", "single_file_config"):
             parser.link_arguments(f"model.{name}", f"data.{name}")
         parser.link_arguments("data.resolution", "model.resolution")
         # Always-present callbacks, configured as top-level groups (metrics score the renders before the grid logs them).

@@ -97,6 +97,7 @@ def generate_class_images(
     revision: str | None = None,
     variant: str | None = None,
     device: str | None = None,
+    single_file_config: str | None = None,
 ) -> int:
     """Top ``class_dir`` up to ``num_class_images`` images of ``class_prompt`` made by the base model.
 
@@ -118,6 +119,7 @@ def generate_class_images(
         revision: Hub revision of the base model.
         variant: Weight-file variant of the base model, e.g. ``fp16``.
         device: Device to generate on; defaults to ``cuda`` when available, else ``cpu``.
+        single_file_config: Configs (diffusers folder or hub id) of a single-file base model.
 
     Returns:
         The number of images made.
@@ -162,7 +164,7 @@ def generate_class_images(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     log.info("Generating %d class images of %r in %s on %s.", len(todo), class_prompt, class_dir, device)
-    pipe = load_pipeline(pretrained_model_name_or_path, revision=revision, variant=variant, torch_dtype=dtype)
+    pipe = load_pipeline(pretrained_model_name_or_path, revision, variant, dtype, single_file_config=single_file_config)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)
     do_cfg = guidance_scale > 1.0

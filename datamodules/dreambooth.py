@@ -65,6 +65,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
             ``model.pretrained_model_name_or_path`` by the CLI (``link_arguments``): set it on the model.
         revision: Hub revision of the base model. Linked from ``model.revision`` by the CLI.
         variant: Weight-file variant of the base model, e.g. ``fp16``. Linked from ``model.variant`` by the CLI.
+        single_file_config: Configs of a single-file base model (a diffusers folder or hub id). Linked from
+            ``model.single_file_config`` by the CLI.
         class_images_batch_size: Images per pipeline call when generating class images.
         class_images_inference_steps: Sampler (DPM-Solver++) steps per generated class image.
         class_images_guidance_scale: Classifier-free guidance scale of the generated class images.
@@ -99,6 +101,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
         revision: str | None = None,
         variant: str | None = None,
+        single_file_config: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
         class_images_batch_size: int = 4,
         class_images_inference_steps: int = 25,
         class_images_guidance_scale: float = 7.5,
@@ -168,6 +171,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 seed=hp.seed,
                 revision=hp.revision,
                 variant=hp.variant,
+                single_file_config=hp.single_file_config,
             )
 
     def setup(self, stage: str) -> None:

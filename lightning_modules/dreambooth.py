@@ -35,9 +35,13 @@ class DreamBoothModule(pl.LightningModule):
 
     Args:
         pretrained_model_name_or_path: The base model: a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a
-            local diffusers folder, or a built-in offline model (``builtin:tiny-sd``).
+            local diffusers folder, a single-file checkpoint as shared on model sites (``.safetensors``; ``.ckpt``
+            only if it holds nothing but tensors), or a built-in offline model (``builtin:tiny-sd``).
         revision: Hub revision (branch, tag or commit) of the base model.
         variant: Weight-file variant of the base model, e.g. ``fp16``.
+        single_file_config: For a single-file base model: a diffusers folder, hub id or ``builtin:<name>`` whose
+            configs (architecture, tokenizer, scheduler) describe it. A hub id's config files must be in the local
+            cache when offline.
         train_text_encoder: Also train the text encoder (fully, or with LoRA when ``use_lora``).
         use_lora: Train LoRA adapters (peft) instead of the full weights; the base model stays frozen.
         lora_rank: LoRA rank r.
@@ -68,6 +72,7 @@ class DreamBoothModule(pl.LightningModule):
         pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
         revision: str | None = None,
         variant: str | None = None,
+        single_file_config: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
         train_text_encoder: bool = False,
         use_lora: bool = True,
         lora_rank: int = 8,
@@ -110,7 +115,7 @@ class DreamBoothModule(pl.LightningModule):
         if self.parts is not None:
             return
         hp = self.hparams
-        parts = load_components(hp.pretrained_model_name_or_path, hp.revision, hp.variant)
+        parts = load_components(hp.pretrained_model_name_or_path, hp.revision, hp.variant, hp.single_file_config)
         parts.vae.requires_grad_(False).eval()
         parts.text_encoder.requires_grad_(False)
         if hp.use_lora:
