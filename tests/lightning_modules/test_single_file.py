@@ -16,7 +16,8 @@ CONFIG = "builtin:tiny-sd"
 
 def _render(pipe) -> np.ndarray:
     g = torch.Generator().manual_seed(0)
-    return pipe("a photo of sks ball", num_inference_steps=2, generator=g, output_type="np").images
+    # guidance_scale 1: no unconditional pass, half the work on a shared 2-core CPU
+    return pipe("a photo of sks ball", num_inference_steps=2, guidance_scale=1.0, generator=g, output_type="np").images
 
 
 class Payload:
@@ -32,7 +33,9 @@ class Payload:
 def test_single_file_renders_like_the_diffusers_folder(tiny_single_file):
     single = load_pipeline(str(tiny_single_file), single_file_config=CONFIG)
     folder = load_pipeline(CONFIG)
-    np.testing.assert_array_equal(_render(single), _render(folder))
+    # Bitwise-equal weights and configs (test below); the UNet's output still differs in the last bits (~5e-7 seen),
+    # as CPU kernels may take other paths for differently allocated tensors.
+    np.testing.assert_allclose(_render(single), _render(folder), atol=1e-5)
 
 
 def test_components_from_a_single_file(tiny_single_file):
@@ -50,8 +53,10 @@ def test_ckpt_of_plain_tensors_loads(tiny_single_file, tmp_path):
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": load_file(tiny_single_file), "global_step": 1}, ckpt)
     assert check_model_path(str(ckpt)) == str(ckpt)
-    pipe = load_pipeline(str(ckpt), single_file_config=CONFIG)
-    np.testing.assert_array_equal(_render(pipe), _render(load_pipeline(CONFIG)))
+    parts, base = load_components(str(ckpt), single_file_config=CONFIG), load_components(CONFIG)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(parts, name).state_dict(), getattr(base, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
 
 
 def test_ckpt_that_would_run_code_is_refused_and_never_runs(tiny_single_file, tmp_path):
