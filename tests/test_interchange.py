@@ -11,6 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from callbacks.run_dir import run_dir
 from lightning_modules.export import load_export
 from lightning_modules.lora_formats import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 from lightning_modules.sd_loading import load_pipeline
@@ -54,7 +55,7 @@ def lora_export(tmp_path_factory, toy_subject_dir, class_images_dir) -> Path:
             "--model.lora_alpha", "2",
         ]
     )  # fmt: skip
-    return Path(cli.trainer.log_dir) / "export"
+    return run_dir(cli.trainer) / "export"
 
 
 def test_kohya_file_renders_like_the_diffusers_file(lora_export):
@@ -95,7 +96,7 @@ def test_fit_from_a_single_file_base_model(run_args, tiny_single_file, use_lora)
     )
     assert cli.datamodule.hparams.single_file_config == TINY
     assert len(list(Path(cli.datamodule.hparams.class_data_dir).glob("*.png"))) == 5
-    export = Path(cli.trainer.log_dir) / "export"
+    export = run_dir(cli.trainer) / "export"
     pipe = load_export(export)
     assert np.abs(_render(pipe) - _render(_base())).max() > 1e-4
     if use_lora:
