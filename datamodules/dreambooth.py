@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from datamodules.class_images import generate_class_images
 from datamodules.datasets import DreamBoothDataset, collate_dreambooth
 from datamodules.images import check_image_folder, check_images, list_images
+from datamodules.resumable import resumable_train_loader
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
         class_images_batch_size: Images per pipeline call when generating class images.
         class_images_inference_steps: Sampler (DPM-Solver++) steps per generated class image.
         class_images_guidance_scale: Classifier-free guidance scale of the generated class images.
-        seed: Seed of the generated class images (image ``i`` uses ``seed + i``).
+        seed: Seed of the generated class images (image ``i`` uses ``seed + i``) and of the training data: its order
+            (a function of seed and epoch) and each image's random crop and flip.
     """
 
     def __init__(
@@ -159,12 +161,14 @@ class DreamBoothDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("DreamBoothDataModule.train_dataloader() needs setup('fit') first.")
-        return DataLoader(
+        trainer = self.trainer  # None outside a Trainer
+        return resumable_train_loader(  # order = f(seed, epoch), resumable mid-epoch: see datamodules/resumable.py
             self.train_dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=True,
-            collate_fn=collate_dreambooth,
+            seed=self.hparams.seed,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
             num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
+            collate_fn=collate_dreambooth,
             drop_last=False,
         )

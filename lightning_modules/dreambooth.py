@@ -16,6 +16,7 @@ from lightning_modules.diffusion import (
 )
 from lightning_modules.lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, inject_lora, lora_config
 from lightning_modules.optim import OptimizerName, SchedulerName, build_lr_scheduler, build_optimizer, param_groups
+from lightning_modules.rng_state import capture_rng_states, restore_rng_states
 from lightning_modules.sd_loading import SDComponents, load_components
 
 # Lightning precision setting -> dtype in which the frozen modules are held and run.
@@ -92,6 +93,7 @@ class DreamBoothModule(pl.LightningModule):
         self.parts: SDComponents | None = None  # loaded in configure_model
         # Checkpoints hold only the trained weights, so loading one is partial by design (see on_load_checkpoint).
         self.strict_loading = False
+        self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
 
     # ----------------------------------------------------------------------------------------------- model set-up
     def configure_model(self) -> None:
@@ -176,6 +178,7 @@ class DreamBoothModule(pl.LightningModule):
         """Save only what is trained: the frozen base model is reloaded from its source on resume."""
         keep = self.trained_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["rng_states"] = capture_rng_states()  # so that a resumed run draws the same noise
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Loading is partial by design; make sure it is complete for what trains and matches this model."""
@@ -188,3 +191,9 @@ class DreamBoothModule(pl.LightningModule):
                 f"({len(unknown)} unknown keys, e.g. {unknown[:3]}; {len(missing)} missing, e.g. {missing[:3]}). "
                 "Was it made with other LoRA / train_text_encoder settings or another base model?"
             )
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        if self._rng_states_to_restore is not None:  # restored last, after everything that set up the run
+            restore_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
