@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.batch import DreamBoothBatch
 from lightning_modules.diffusion import (
@@ -15,6 +16,7 @@ from lightning_modules.diffusion import (
     tokenize,
 )
 from lightning_modules.lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, inject_lora, lora_config
+from lightning_modules.numerics import NanPolicy, NonFiniteLossError, check_finite_weights, non_finite_loss_message
 from lightning_modules.optim import OptimizerName, SchedulerName, build_lr_scheduler, build_optimizer, param_groups
 from lightning_modules.rng_state import capture_rng_states, restore_rng_states
 from lightning_modules.sd_loading import SDComponents, load_components
@@ -56,6 +58,8 @@ class DreamBoothModule(pl.LightningModule):
         prior_loss_weight: Weight of the prior-preservation (class rows) term; 0 gives plain fine-tuning.
         gradient_checkpointing: Recompute activations in backward to save memory (UNet, and the text encoder when
             trained).
+        nan_policy: What a NaN or infinite loss does: ``stop`` raises an error naming the step (the weights are left
+            as they were before it), ``skip`` skips that optimizer step with a warning.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class DreamBoothModule(pl.LightningModule):
         lr_warmup_steps: int = 0,
         prior_loss_weight: float = 1.0,
         gradient_checkpointing: bool = False,
+        nan_policy: NanPolicy = "stop",
     ) -> None:
         super().__init__()
         if use_lora:  # fail at config time, before any weight loads
@@ -89,10 +94,13 @@ class DreamBoothModule(pl.LightningModule):
             raise ValueError("model.learning_rate and model.text_encoder_lr must be positive.")
         if prior_loss_weight < 0:
             raise ValueError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
+        if nan_policy not in ("stop", "skip"):
+            raise ValueError(f"model.nan_policy must be 'stop' or 'skip', got {nan_policy!r}.")
         self.save_hyperparameters()
         self.parts: SDComponents | None = None  # loaded in configure_model
         # Checkpoints hold only the trained weights, so loading one is partial by design (see on_load_checkpoint).
         self.strict_loading = False
+        self._skip_optimizer_step = False  # set by a non-finite loss under nan_policy="skip"
         self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
 
     # ----------------------------------------------------------------------------------------------- model set-up
@@ -152,6 +160,7 @@ class DreamBoothModule(pl.LightningModule):
         model_pred = self.unet(noisy_latents, timesteps, context).sample
         target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
         terms = dreambooth_loss(model_pred, target, batch["is_prior"], self.hparams.prior_loss_weight)
+        self._check_loss(terms._asdict(), batch_idx)
         bs = batch["pixel_values"].shape[0]
         self.log("train/loss", terms.loss, prog_bar=True, batch_size=bs)
         self.log("train/loss_instance", terms.instance, batch_size=bs)
@@ -159,6 +168,24 @@ class DreamBoothModule(pl.LightningModule):
         for group in self.optimizers().param_groups if self._trainer is not None else []:
             self.log(f"train/lr_{group['name']}", group["lr"], batch_size=bs)
         return terms.loss
+
+    def _check_loss(self, terms: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Stop (raise) or mark the optimizer step to be skipped when the loss is not finite; all ranks agree."""
+        finite = bool(torch.isfinite(terms["loss"]))
+        if self._trainer is not None:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return
+        message = non_finite_loss_message(self.global_step + 1, self.current_epoch, batch_idx, terms)
+        if self.hparams.nan_policy == "stop":
+            raise NonFiniteLossError(message)
+        rank_zero_warn(f"{message} Skipping this optimizer step (model.nan_policy=skip).")
+        self._skip_optimizer_step = True
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._skip_optimizer_step:  # no gradient: the optimizer leaves every weight and its state as they are
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_optimizer_step = False
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -178,6 +205,7 @@ class DreamBoothModule(pl.LightningModule):
         """Save only what is trained: the frozen base model is reloaded from its source on resume."""
         keep = self.trained_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        check_finite_weights(checkpoint["state_dict"], self.global_step)  # never replace a good checkpoint
         checkpoint["rng_states"] = capture_rng_states()  # so that a resumed run draws the same noise
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

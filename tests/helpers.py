@@ -14,3 +14,36 @@ class RecordStart(pl.Callback):
         self.global_step = trainer.global_step
         state = trainer.optimizers[0].state_dict()["state"]
         self.optimizer_step = float(state[0]["step"]) if state else None  # a copy: the tensor is updated in place
+
+
+class PoisonBatch(pl.Callback):
+    """Makes the pixels of the batch of optimizer step ``step`` (1-based) NaN, so that its loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 == self.step:
+            batch["pixel_values"].fill_(float("nan"))
+
+
+class PoisonWeights(pl.Callback):
+    """After optimizer step ``step``, sets one trained weight to NaN (before the checkpoint callbacks run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            next(p for p in pl_module.parameters() if p.requires_grad).data.fill_(float("nan"))
+
+
+class RecordWeights(pl.Callback):
+    """Copies of the trained weights after each optimizer step, by step."""
+
+    def __init__(self) -> None:
+        self.by_step: dict = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        trained = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        self.by_step[trainer.global_step] = trained
