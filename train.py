@@ -5,6 +5,7 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.export import DreamBoothExport
+from callbacks.fault_tolerance import FaultTolerance
 from datamodules import DreamBoothDataModule
 from lightning_modules.dreambooth import DreamBoothModule
 
@@ -16,6 +17,7 @@ class DreamBoothCLI(LightningCLI):
         for name in ("pretrained_model_name_or_path", "revision", "variant"):
             parser.link_arguments(f"model.{name}", f"data.{name}")
         parser.add_lightning_class_args(DreamBoothExport, "export")
+        parser.add_lightning_class_args(FaultTolerance, "fault_tolerance")
 
 
 def cli_main(args: list[str] | None = None) -> DreamBoothCLI:

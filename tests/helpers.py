@@ -1,5 +1,7 @@
 """Callbacks that tests attach through the CLI (``--trainer.callbacks+=tests.helpers.X``)."""
 
+import os
+
 import lightning.pytorch as pl
 
 
@@ -47,3 +49,15 @@ class RecordWeights(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         trained = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
         self.by_step[trainer.global_step] = trained
+
+
+class SendSignal(pl.Callback):
+    """Sends ``signum`` (a number: 15 SIGTERM, 2 SIGINT) to this process ``times`` times after optimizer step ``step``."""
+
+    def __init__(self, step: int, signum: int, times: int = 1) -> None:
+        self.step, self.signum, self.times = step, signum, times
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
