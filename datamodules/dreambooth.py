@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from datamodules.class_images import generate_class_images
 from datamodules.datasets import DreamBoothDataset, collate_dreambooth
 from datamodules.images import check_image_folder, check_images, list_images
+from datamodules.prompt_checks import missing_identifier_message
 from datamodules.resumable import resumable_train_loader
 
 log = logging.getLogger(__name__)
@@ -96,19 +97,15 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 )
             if class_images_batch_size <= 0 or class_images_inference_steps <= 0:
                 raise ValueError("data.class_images_batch_size and data.class_images_inference_steps must be positive.")
-            if class_prompt.strip() == instance_prompt.strip():
-                log.warning(
-                    "data.instance_prompt and data.class_prompt are both %r: the prior-preservation term then "
-                    "fights the subject. Put a rare identifier in the instance prompt only (e.g. 'a photo of sks dog').",
-                    instance_prompt,
-                )
+        if class_prompt and (message := missing_identifier_message(instance_prompt, class_prompt)):
+            log.warning(message)
         self.save_hyperparameters()
         self.train_dataset: DreamBoothDataset | None = None  # built in setup("fit")
 
     def prepare_data(self) -> None:
         """Check the subject's images and generate the missing class images (once per node, on local rank 0)."""
         hp = self.hparams
-        check_image_folder(hp.instance_data_dir, "data.instance_data_dir")
+        check_image_folder(hp.instance_data_dir, "data.instance_data_dir", min_side=hp.resolution)
         if hp.with_prior_preservation:
             Path(hp.class_data_dir).expanduser().mkdir(parents=True, exist_ok=True)
             generate_class_images(
@@ -149,7 +146,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         hp = self.hparams
         prior = hp.with_prior_preservation
         return DreamBoothDataset(
-            instance_images=check_image_folder(hp.instance_data_dir, "data.instance_data_dir"),
+            instance_images=check_image_folder(hp.instance_data_dir, "data.instance_data_dir", warn=False),
             instance_prompt=hp.instance_prompt,
             resolution=hp.resolution,
             class_images=self._class_images() if prior else None,
