@@ -166,6 +166,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
             num_workers=self.hparams.num_workers,
+            epoch=trainer.current_epoch if trainer is not None else 0,
             collate_fn=collate_dreambooth,
             drop_last=False,
         )

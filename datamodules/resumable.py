@@ -8,8 +8,8 @@ A resumed run must see the same batches, with the same random flips and crops, a
 - :class:`SeededItems` runs each item's random transforms under that item's seed, inside a forked RNG: augmentations
   depend neither on the global RNG (which the model's noise draws use), nor on worker processes, nor on resuming.
 - :class:`ResumableDataLoader` is a ``DataLoader`` with ``state_dict`` / ``load_state_dict`` (the protocol Lightning
-  uses to save and restore a loader's mid-epoch position in checkpoints): its state is the epoch and the number of
-  batches it has handed out in it.
+  uses to save and restore a loader's mid-epoch position in checkpoints): it counts its own passes (epochs) and
+  batches, and its state is the epoch and the number of samples it has handed out in it.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def item_seed(seed: int, epoch: int, position: int) -> int:
 class ResumableSampler(DistributedSampler):
     """Shuffled indices of ``dataset`` for one rank, in an order fixed by ``(seed, epoch)``, each with an item seed.
 
-    Yields ``(index, item_seed)`` pairs, for :class:`SeededItems`. After :meth:`resume`, the next pass over the
-    epoch it names starts at ``start`` (this rank's position), as if the first ``start`` items had been seen.
+    Yields ``(index, item_seed)`` pairs, for :class:`SeededItems`. Used alone it follows ``set_epoch`` like
+    ``DistributedSampler``; driven by a :class:`ResumableDataLoader`, each pass uses the epoch and start position the
+    loader gives it with :meth:`start_pass`, whatever ``set_epoch`` said (see the loader for why).
 
     Args:
         dataset: The dataset (only its length is used).
@@ -57,24 +58,30 @@ class ResumableSampler(DistributedSampler):
         drop_last: bool = False,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self._resume_epoch: int | None = None
-        self._resume_start = 0
+        self._pass: tuple[int, int] | None = None  # (epoch, start), set by the loader
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        if self._resume_epoch is not None and epoch != self._resume_epoch:
-            self._resume_epoch = None  # a resume position is only valid for the epoch it was saved in
+    def start_pass(self, epoch: int, start: int = 0) -> None:
+        """Make the following passes use ``epoch`` and start at this rank's position ``start``."""
+        self._pass = (epoch, max(0, int(start)))
 
-    def resume(self, epoch: int, start: int) -> None:
-        """Make the next pass over ``epoch`` start at this rank's position ``start``."""
-        self.set_epoch(epoch)
-        self._resume_epoch, self._resume_start = epoch, max(0, int(start))
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices in pass ``epoch``: those at positions rank, rank + R, rank + 2R, ... of the order."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            indices = torch.randperm(len(self.dataset), generator=g).tolist()
+        else:
+            indices = list(range(len(self.dataset)))
+        if self.drop_last:
+            indices = indices[: self.total_size]
+        else:
+            padding = self.total_size - len(indices)
+            indices += (indices * (padding // len(indices) + 1))[:padding]
+        return indices[self.rank : self.total_size : self.num_replicas]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())  # this rank's shard: positions rank, rank + R, rank + 2R, ... overall
-        start = self._resume_start if self._resume_epoch == self.epoch else 0
-        for local, index in enumerate(indices[start:], start=start):
-            yield index, item_seed(self.seed, self.epoch, local * self.num_replicas + self.rank)
+        epoch, start = self._pass if self._pass is not None else (self.epoch, 0)
+        for local, index in enumerate(self.order(epoch)[start:], start=start):
+            yield index, item_seed(self.seed, epoch, local * self.num_replicas + self.rank)
 
 
 class SeededItems(Dataset):
@@ -99,40 +106,51 @@ class SeededItems(Dataset):
 
 
 class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` whose position in the current epoch can be saved and restored.
+    """A ``DataLoader`` that counts its own passes (epochs) and batches, and can save and restore both.
 
-    ``state_dict()`` says how many batches this loader has handed out in its current pass (counted as they are
-    returned, so worker prefetching does not count); ``load_state_dict()`` makes the next pass continue from there,
-    when the sampler is a :class:`ResumableSampler`.
+    The loader, not the caller's ``set_epoch``, decides the epoch of each pass: a pass becomes the current one when it
+    hands out its first batch, and the next pass is the next epoch. (Lightning 2.6's epoch counters in a checkpoint
+    written by a resumed run are off by one at an epoch's end, and a second resume from it calls ``set_epoch`` with
+    the previous epoch; the loader's own count stays right.) ``state_dict()`` is the current pass's epoch and the
+    samples handed out in it, counted as batches are returned (worker prefetching does not count);
+    ``load_state_dict()`` makes the next pass continue from there.
+
+    Args:
+        epoch: Epoch of the first pass (the trainer's current epoch when the loader is made).
+        args, kwargs: Those of ``DataLoader``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, epoch: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._epoch = 0
-        self._batches_done = 0
+        self._next = (epoch, 0)  # (epoch, samples to skip) of the next pass
+        self._current: list[int] | None = None  # [epoch, batches handed out] of the current pass
 
     def __iter__(self) -> Iterator[Any]:
-        sampler = self.sampler
-        self._epoch = getattr(sampler, "epoch", 0)
-        resumed = getattr(sampler, "_resume_epoch", None) == self._epoch
-        start = getattr(sampler, "_resume_start", 0) if resumed else 0
-        self._batches_done = start // self.batch_size if self.batch_size else 0
-        return self._counted(super().__iter__())
+        epoch, start = self._next
+        if isinstance(self.sampler, ResumableSampler):
+            self.sampler.start_pass(epoch, start)
+        return self._counted(super().__iter__(), epoch, start)
 
-    def _counted(self, iterator: Iterator[Any]) -> Iterator[Any]:
+    def _counted(self, iterator: Iterator[Any], epoch: int, start: int) -> Iterator[Any]:
+        current = None
         for batch in iterator:
-            self._batches_done += 1
+            if current is None:  # the pass has begun: it is the current one, the next pass is the next epoch
+                current = self._current = [epoch, start // (self.batch_size or 1)]
+                self._next = (epoch + 1, 0)
+            current[1] += 1
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        if self._batches_done >= len(self):  # the pass is complete: the next one is a new epoch from its start
-            return {"epoch": self._epoch + 1, "samples_done": 0}
-        return {"epoch": self._epoch, "samples_done": self._batches_done * (self.batch_size or 1)}
+        if self._current is None:  # no batch handed out since the loader was made or restored
+            return {"epoch": self._next[0], "samples_done": self._next[1]}
+        epoch, batches = self._current
+        if batches >= len(self):  # the pass is complete: the next one is a new epoch from its start
+            return {"epoch": epoch + 1, "samples_done": 0}
+        return {"epoch": epoch, "samples_done": batches * (self.batch_size or 1)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if isinstance(self.sampler, ResumableSampler):
-            self.sampler.resume(int(state["epoch"]), int(state["samples_done"]))
-            self._epoch = int(state["epoch"])
+        self._next = (int(state["epoch"]), int(state["samples_done"]))
+        self._current = None
 
 
 def resumable_train_loader(
@@ -142,6 +160,7 @@ def resumable_train_loader(
     num_replicas: int = 1,
     rank: int = 0,
     num_workers: int = 0,
+    epoch: int = 0,
     **kwargs: Any,
 ) -> ResumableDataLoader:
     """The training loader: shuffled by ``(seed, epoch)``, one shard per rank, seeded items, resumable mid-epoch.
@@ -157,5 +176,6 @@ def resumable_train_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
+        epoch=epoch,
         **kwargs,
     )

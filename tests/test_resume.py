@@ -40,8 +40,8 @@ def reference(tmp_path_factory, toy_subject_dir, class_images_dir):
     return Path(cli.trainer.log_dir) / "checkpoints", export_of(cli)
 
 
-def _resume(run_args, ckpt: Path):
-    resumed = cli_main(run_args(steps=STEPS) + ["--ckpt_path", str(ckpt)])
+def _resume(run_args, ckpt: Path, *overrides: str):
+    resumed = cli_main(run_args(*overrides, steps=STEPS) + ["--ckpt_path", str(ckpt)])
     assert resumed.trainer.global_step == STEPS
     return export_of(resumed)
 
@@ -51,6 +51,20 @@ def test_resuming_from_a_checkpoint_gives_the_same_weights_bitwise(run_args, ref
     checkpoints, weights = reference
     (ckpt,) = checkpoints.glob(f"*-step={k}.ckpt")
     assert_same_weights(_resume(run_args, ckpt), weights)
+
+
+def test_resuming_twice_gives_the_same_weights_bitwise(run_args, reference, tmp_path):
+    """A checkpoint written by a resumed run resumes right too (Lightning's epoch counters differ in it)."""
+    checkpoints, weights = reference
+    (ckpt,) = checkpoints.glob("*-step=2.ckpt")
+    _resume(
+        run_args,
+        ckpt,
+        "--trainer.callbacks.init_args.every_n_train_steps=1",
+        "--trainer.callbacks.init_args.save_top_k=-1",
+    )
+    (second,) = (tmp_path / "runs").rglob("*-step=4.ckpt")
+    assert_same_weights(_resume(run_args, second), weights)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])

@@ -38,17 +38,13 @@ def test_ranks_take_disjoint_shards():
     assert sorted(shards[0] + shards[1]) == list(range(10)) and len(shards[0]) == 5
 
 
-def test_resume_starts_mid_epoch_only_in_that_epoch():
+def test_a_pass_can_start_mid_epoch_whatever_set_epoch_says():
     full = ResumableSampler(RandomItems(), seed=0)
     full.set_epoch(2)
-    resumed = ResumableSampler(RandomItems(), seed=0)
-    resumed.resume(epoch=2, start=4)
-    assert list(resumed) == list(full)[4:]
-    resumed.set_epoch(2)  # Lightning sets the epoch again: still resuming
-    assert list(resumed) == list(full)[4:]
-    resumed.set_epoch(3)
-    full.set_epoch(3)
-    assert list(resumed) == list(full)  # the next epoch is whole
+    driven = ResumableSampler(RandomItems(), seed=0)
+    driven.start_pass(epoch=2, start=4)
+    driven.set_epoch(1)  # ignored while a loader drives the sampler
+    assert list(driven) == list(full)[4:]
 
 
 def test_seeded_items_do_not_depend_on_the_global_rng():
@@ -71,13 +67,27 @@ def _loader(**kwargs) -> ResumableDataLoader:
 
 def test_loader_state_says_how_many_batches_were_handed_out():
     loader = _loader()
-    assert len(loader) == 4
+    assert len(loader) == 4 and loader.state_dict() == {"epoch": 0, "samples_done": 0}
     it = iter(loader)
     next(it)
     next(it)
     assert loader.state_dict() == {"epoch": 0, "samples_done": 6}
     list(it)
     assert loader.state_dict() == {"epoch": 1, "samples_done": 0}  # a complete pass: the next epoch starts
+
+
+def test_the_loader_counts_its_own_epochs():
+    loader = _loader()
+    first = list(loader)
+    loader.sampler.set_epoch(0)  # a caller's set_epoch does not decide the epoch
+    iter(loader)  # an iterator that hands out nothing does not start a pass
+    second = list(loader)
+    reference = ResumableSampler(RandomItems(), seed=0)
+    reference.set_epoch(1)
+    assert [int(i) for b in second for i in b[:, 0]] == [i for i, _ in reference]
+    assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert loader.state_dict() == {"epoch": 2, "samples_done": 0}
+    assert _loader(epoch=1).state_dict() == {"epoch": 1, "samples_done": 0}  # made in a later epoch
 
 
 def test_a_resumed_loader_continues_with_the_same_batches():
