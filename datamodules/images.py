@@ -246,6 +246,8 @@ def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format=Image.registered_extensions()[path.suffix.lower()])
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the image is an ordinary file
         os.replace(tmp, path)
     except BaseException:

@@ -61,3 +61,10 @@ class SendSignal(pl.Callback):
         if trainer.global_step == self.step:
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
+
+
+class ReportStep(pl.Callback):
+    """Prints ``fault-injection: step N`` after each optimizer step (before the checkpoint callbacks save it)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        print(f"fault-injection: step {trainer.global_step}", flush=True)
