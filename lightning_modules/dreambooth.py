@@ -59,7 +59,8 @@ class DreamBoothModule(pl.LightningModule):
         gradient_checkpointing: Recompute activations in backward to save memory (UNet, and the text encoder when
             trained).
         nan_policy: What a NaN or infinite loss does: ``stop`` raises an error naming the step (the weights are left
-            as they were before it), ``skip`` skips that optimizer step with a warning.
+            as they were before it), ``skip`` skips that optimizer step with a warning. Unlike the other model
+            options, the value given when resuming with ``--ckpt_path`` applies (the others come from the checkpoint).
     """
 
     def __init__(
@@ -96,7 +97,10 @@ class DreamBoothModule(pl.LightningModule):
             raise ValueError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
         if nan_policy not in ("stop", "skip"):
             raise ValueError(f"model.nan_policy must be 'stop' or 'skip', got {nan_policy!r}.")
-        self.save_hyperparameters()
+        # Not a saved hyperparameter: LightningCLI restores those from a checkpoint on resume, and this one must be
+        # changeable then (a run stopped by a NaN resumes with nan_policy=skip).
+        self.save_hyperparameters(ignore=["nan_policy"])
+        self.nan_policy = nan_policy
         self.parts: SDComponents | None = None  # loaded in configure_model
         # Checkpoints hold only the trained weights, so loading one is partial by design (see on_load_checkpoint).
         self.strict_loading = False
@@ -177,7 +181,7 @@ class DreamBoothModule(pl.LightningModule):
         if finite:
             return
         message = non_finite_loss_message(self.global_step + 1, self.current_epoch, batch_idx, terms)
-        if self.hparams.nan_policy == "stop":
+        if self.nan_policy == "stop":
             raise NonFiniteLossError(message)
         rank_zero_warn(f"{message} Skipping this optimizer step (model.nan_policy=skip).")
         self._skip_optimizer_step = True

@@ -29,8 +29,9 @@ def non_finite_loss_message(step: int, epoch: int, batch_idx: int, terms: Mappin
     return (
         f"Non-finite training loss at optimizer step {step} (epoch {epoch}, batch {batch_idx}): {parts}. "
         "Common causes: a learning rate too high for the model, float16 overflow (try bf16-mixed or a lower "
-        "learning rate), or a corrupt input. The last checkpoint holds the last good weights; resume from it with "
-        "a lower learning rate, or set model.nan_policy=skip to skip such steps."
+        "learning rate), or a corrupt input. The last checkpoint holds the last good weights: resume from it with "
+        "--model.nan_policy=skip to skip such steps, or start again with a lower learning rate (resuming restores "
+        "the checkpoint's learning rate and other model options)."
     )
 
 

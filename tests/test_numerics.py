@@ -31,6 +31,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(run_a
     ckpt = _checkpoint(tmp_path / "runs")
     assert ckpt["global_step"] == 2 and _all_finite(ckpt["state_dict"])
     assert not list((tmp_path / "runs").rglob("export"))  # no export of an unfinished run
+    # The advice in the message works: resuming with nan_policy=skip goes past the bad step.
+    (last,) = (tmp_path / "runs").rglob("last.ckpt")
+    with pytest.warns(UserWarning, match="Skipping this optimizer step"):
+        resumed = cli_main(args + ["--model.nan_policy=skip", "--ckpt_path", str(last)])
+    assert resumed.trainer.global_step == 5 and resumed.model.nan_policy == "skip"
 
 
 def test_nan_loss_with_skip_policy_skips_only_that_step(run_args):
