@@ -5,9 +5,11 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.export import DreamBoothExport
+from callbacks.fault_tolerance import FaultTolerance
 from callbacks.grid import SampleGrid
 from callbacks.metrics import SubjectMetrics
 from callbacks.run_dir import SaveRunConfig
+from callbacks.wandb_offline import start_wandb_or_go_offline
 from datamodules import DreamBoothDataModule
 from lightning_modules.dreambooth import DreamBoothModule
 
@@ -23,6 +25,12 @@ class DreamBoothCLI(LightningCLI):
         parser.add_lightning_class_args(SubjectMetrics, "metrics")
         parser.add_lightning_class_args(SampleGrid, "grid")
         parser.add_lightning_class_args(DreamBoothExport, "export")
+        parser.add_lightning_class_args(FaultTolerance, "fault_tolerance")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        start_wandb_or_go_offline(trainer.loggers)  # no API key or no network: log offline, with one warning
+        return trainer
 
 
 def cli_main(args: list[str] | None = None) -> DreamBoothCLI:

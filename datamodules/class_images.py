@@ -47,6 +47,8 @@ def _write_record(class_dir: Path, record: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, class_dir / RECORD_NAME)
     except BaseException:

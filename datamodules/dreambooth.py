@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader
 from datamodules.class_images import generate_class_images
 from datamodules.datasets import DreamBoothDataset, collate_dreambooth
 from datamodules.images import check_image_folder, check_images, list_images
+from datamodules.prompt_checks import missing_identifier_message
 from datamodules.prompts import resolve_templates
+from datamodules.resumable import resumable_train_loader
 from datamodules.validation import ValidationPromptDataset, collate_prompts, validation_sampler
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
         class_images_batch_size: Images per pipeline call when generating class images.
         class_images_inference_steps: Sampler (DPM-Solver++) steps per generated class image.
         class_images_guidance_scale: Classifier-free guidance scale of the generated class images.
-        seed: Seed of the generated class images (image ``i`` uses ``seed + i``).
+        seed: Seed of the generated class images (image ``i`` uses ``seed + i``) and of the training data: its order
+            (a function of seed and epoch) and each image's random crop and flip.
         validation_prompts: Prompts rendered at each validation: a list of templates with ``{identifier}`` and
             ``{class_noun}``, or a built-in set: ``default`` (4 prompts), ``dreambench_object`` or ``dreambench_live`` (the
             25 prompts of the DreamBooth evaluation for objects or for live subjects). An empty list renders only the
@@ -143,12 +146,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 )
             if class_images_batch_size <= 0 or class_images_inference_steps <= 0:
                 raise ValueError("data.class_images_batch_size and data.class_images_inference_steps must be positive.")
-            if class_prompt.strip() == instance_prompt.strip():
-                log.warning(
-                    "data.instance_prompt and data.class_prompt are both %r: the prior-preservation term then "
-                    "fights the subject. Put a rare identifier in the instance prompt only (e.g. 'a photo of sks dog').",
-                    instance_prompt,
-                )
+        if class_prompt and (message := missing_identifier_message(instance_prompt, class_prompt)):
+            log.warning(message)
         self.save_hyperparameters()
         self.train_dataset: DreamBoothDataset | None = None  # built in setup("fit")
         self.val_dataset: ValidationPromptDataset | None = None  # built in setup("fit" / "validate")
@@ -156,7 +155,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Check the subject's images and generate the missing class images (once per node, on local rank 0)."""
         hp = self.hparams
-        check_image_folder(hp.instance_data_dir, "data.instance_data_dir")
+        check_image_folder(hp.instance_data_dir, "data.instance_data_dir", min_side=hp.resolution)
         if hp.with_prior_preservation:
             Path(hp.class_data_dir).expanduser().mkdir(parents=True, exist_ok=True)
             generate_class_images(
@@ -209,7 +208,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         hp = self.hparams
         prior = hp.with_prior_preservation
         return DreamBoothDataset(
-            instance_images=check_image_folder(hp.instance_data_dir, "data.instance_data_dir"),
+            instance_images=check_image_folder(hp.instance_data_dir, "data.instance_data_dir", warn=False),
             instance_prompt=hp.instance_prompt,
             resolution=hp.resolution,
             class_images=self._class_images() if prior else None,
@@ -221,13 +220,16 @@ class DreamBoothDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("DreamBoothDataModule.train_dataloader() needs setup('fit') first.")
-        return DataLoader(
+        trainer = self.trainer  # None outside a Trainer
+        return resumable_train_loader(  # order = f(seed, epoch), resumable mid-epoch: see datamodules/resumable.py
             self.train_dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=True,
-            collate_fn=collate_dreambooth,
+            seed=self.hparams.seed,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
             num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
+            epoch=trainer.current_epoch if trainer is not None else 0,
+            collate_fn=collate_dreambooth,
             drop_last=False,
         )
 

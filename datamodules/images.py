@@ -3,13 +3,19 @@
 Real subject folders hold whatever a camera, a phone or a file manager left there: ``.DS_Store``,
 ``Thumbs.db``, rotated JPEGs, 16-bit PNGs, palette GIFs with transparency, CMYK scans, half-copied
 files. Everything here turns that into RGB images, or fails early with a message that names the file
-and says what to do.
+and says what to do. The policy (what is an error, what is skipped, what only warns) is in docs/bad_inputs.md.
+
+Decompression bombs: importing this module sets Pillow's ``Image.MAX_IMAGE_PIXELS`` to :data:`MAX_IMAGE_PIXELS`
+(16384 x 16384, three times Pillow's default, so that large legitimate photos such as 8K ones load), and
+:func:`load_image` refuses an image whose header claims more pixels before decoding any of them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,23 +27,58 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", "
 JUNK_FILES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
 # Background that transparent pixels are composited on.
 BACKGROUND = (255, 255, 255)
+# Largest image accepted, in pixels: 16K x 16K (268 MP). An 8K photo (7680 x 4320) is 33 MP; decoding the limit
+# takes about 0.8 GB as RGB. A small file claiming more is a decompression bomb.
+MAX_IMAGE_PIXELS = 16384 * 16384
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, MAX_IMAGE_PIXELS)  # Pillow's own guard, at 2x this
+
+log = logging.getLogger(__name__)
 
 
 class ImageLoadError(ValueError):
     """An image file could not be read; the message names the file and what to do about it."""
 
 
+class ImageTooLargeError(ImageLoadError):
+    """An image claims more than :data:`MAX_IMAGE_PIXELS` pixels (possibly a decompression bomb)."""
+
+
+def _is_skipped_silently(path: Path) -> bool:
+    """Hidden files and the junk that operating systems leave in folders."""
+    return path.name.startswith(".") or path.name.lower() in JUNK_FILES
+
+
+def non_image_files(folder: str | Path) -> list[Path]:
+    """Files in ``folder`` that :func:`list_images` skips for their extension (not hidden files or OS junk)."""
+    folder = Path(folder).expanduser()
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if not _is_skipped_silently(p) and p.suffix.lower() not in IMAGE_EXTENSIONS and not p.is_dir()
+    )
+
+
+def broken_links(folder: str | Path) -> list[Path]:
+    """Symbolic links in ``folder`` with an image name whose target is missing (or a loop)."""
+    folder = Path(folder).expanduser()
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_symlink() and not p.exists() and not _is_skipped_silently(p) and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """The image files directly in ``folder``, sorted by name.
 
     Hidden files (``.DS_Store``, ``._photo.jpg`` from macOS, temporary files being written), known junk
-    (``Thumbs.db``, ``desktop.ini``), sub-folders and files without an image extension are skipped.
+    (``Thumbs.db``, ``desktop.ini``), sub-folders, broken symbolic links and files without an image extension
+    are skipped. Symbolic links to images are followed.
     """
     folder = Path(folder).expanduser()
     found = []
     for path in folder.iterdir():
-        name = path.name
-        if name.startswith(".") or name.lower() in JUNK_FILES:
+        if _is_skipped_silently(path):
             continue
         if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
             found.append(path)
@@ -76,14 +117,25 @@ def load_image(path: str | Path) -> Image.Image:
     :class:`ImageLoadError` here rather than in the middle of training.
     """
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ImageLoadError(f"Cannot load image {str(path)!r}: the file is empty (0 bytes). Remove or replace it.")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with a clearer message
+            img = Image.open(path)
+        with img:
+            _check_pixel_count(img.size, path)  # from the header, before decoding
             img.seek(0)  # animated GIF / WebP / multi-page TIFF: the first frame
             img.load()  # decode now, so a truncated file fails here
             img = ImageOps.exif_transpose(img)
             rgb = _to_rgb(img)
             rgb.load()
             return rgb
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as e:  # more than twice the limit: Pillow refuses in open()
+        pillow_limit = f"more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels by its header"
+        raise ImageTooLargeError(_too_large_message(path, pillow_limit)) from e
     except Exception as e:  # Pillow raises many types: OSError, SyntaxError, ValueError, ...
         raise ImageLoadError(
             f"Cannot load image {str(path)!r} ({type(e).__name__}: {e}). "
@@ -91,20 +143,51 @@ def load_image(path: str | Path) -> Image.Image:
         ) from e
 
 
-def check_images(paths: Iterable[str | Path], option_name: str) -> None:
-    """Load each image once; raise :class:`ImageLoadError` naming the option and the first bad file."""
-    for path in paths:
-        try:
-            load_image(path)
-        except ImageLoadError as e:
-            raise ImageLoadError(f"{option_name}: {e}") from e.__cause__
+def _too_large_message(path: Path, size: str) -> str:
+    return (
+        f"Cannot load image {str(path)!r}: it is {size}, more than the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} "
+        "megapixels (16384 x 16384). A file that claims such a size can exhaust memory when decoded (a "
+        "'decompression bomb'). Downscale it (an 8K photo is 33 megapixels; training uses a few hundred pixels a "
+        "side), or remove it."
+    )
 
 
-def check_image_folder(folder: str | Path, option_name: str) -> list[Path]:
-    """Check that ``folder`` (the value of the option ``option_name``) holds loadable images; return them sorted.
+def _check_pixel_count(size: tuple[int, int], path: Path) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(_too_large_message(path, f"{width} x {height} pixels"))
+
+
+def check_images(paths: Iterable[str | Path], option_name: str) -> list[tuple[int, int]]:
+    """Load each image once; return their (width, height) as displayed (after EXIF rotation).
 
     Raises:
-        FileNotFoundError: the folder is missing or is not a directory.
+        ImageLoadError: naming the option and the first bad file.
+    """
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(load_image(path).size)
+        except ImageLoadError as e:
+            raise type(e)(f"{option_name}: {e}") from e.__cause__
+    return sizes
+
+
+def _names(paths: list[Path], limit: int = 5) -> str:
+    shown = ", ".join(repr(p.name) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def check_image_folder(
+    folder: str | Path, option_name: str, min_side: int | None = None, warn: bool = True
+) -> list[Path]:
+    """Check that ``folder`` (the value of the option ``option_name``) holds loadable images; return them sorted.
+
+    With ``warn``, logs a warning for files skipped for their extension (e.g. ``.txt``, ``.heic``) and, given
+    ``min_side`` (the training resolution), for images whose shorter side is smaller (they are upscaled).
+
+    Raises:
+        FileNotFoundError: the folder is missing or is not a directory, or an image name in it is a broken link.
         ValueError: it contains no image file.
         ImageLoadError: an image in it cannot be loaded (the first such file is named).
     """
@@ -115,13 +198,40 @@ def check_image_folder(folder: str | Path, option_name: str) -> list[Path]:
         )
     if not path.is_dir():
         raise FileNotFoundError(f"{option_name}: {str(folder)!r} is not a folder. Point it at a folder of images.")
+    broken = broken_links(path)
+    if broken:
+        raise FileNotFoundError(
+            f"{option_name}: {str(broken[0])!r} is a symbolic link to {os.readlink(broken[0])!r}, which does not "
+            "exist. Fix the link or remove it."
+        )
     images = list_images(path)
+    skipped = non_image_files(path)
     if not images:
         raise ValueError(
             f"{option_name}: the folder {str(folder)!r} contains no image file. "
             f"Accepted extensions: {', '.join(IMAGE_EXTENSIONS)} (hidden files are ignored)."
+            + (f" Skipped: {_names(skipped)}." if skipped else "")
         )
-    check_images(images, option_name)
+    sizes = check_images(images, option_name)
+    if warn and skipped:
+        log.warning(
+            "%s: skipping %d files that are not images by their extension: %s. Accepted: %s; convert other photo "
+            "formats (e.g. HEIC, RAW) to JPEG or PNG to use them.",
+            option_name,
+            len(skipped),
+            _names(skipped),
+            ", ".join(IMAGE_EXTENSIONS),
+        )
+    small = [(p, s) for p, s in zip(images, sizes, strict=True) if min_side and min(s) < min_side]
+    if warn and small:
+        log.warning(
+            "%s: %d of the images are smaller than data.resolution=%d on their shorter side and are upscaled "
+            "(blurrier training images): %s. Use larger photos, or a lower resolution.",
+            option_name,
+            len(small),
+            min_side,
+            ", ".join(f"{p.name!r} ({w}x{h})" for p, (w, h) in small[:5]) + (" ..." if len(small) > 5 else ""),
+        )
     return images
 
 
@@ -136,6 +246,8 @@ def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format=Image.registered_extensions()[path.suffix.lower()])
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the image is an ordinary file
         os.replace(tmp, path)
     except BaseException:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.batch import DreamBoothBatch
 from datamodules.validation import ValidationBatch
@@ -16,8 +17,10 @@ from lightning_modules.diffusion import (
     tokenize,
 )
 from lightning_modules.lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, inject_lora, lora_config
+from lightning_modules.numerics import NanPolicy, NonFiniteLossError, check_finite_weights, non_finite_loss_message
 from lightning_modules.optim import OptimizerName, SchedulerName, build_lr_scheduler, build_optimizer, param_groups
 from lightning_modules.pipeline import build_pipeline
+from lightning_modules.rng_state import capture_rng_states, restore_rng_states
 from lightning_modules.sampling import SamplingSettings, image_seed, render
 from lightning_modules.sd_loading import SDComponents, load_components
 
@@ -65,6 +68,9 @@ class DreamBoothModule(pl.LightningModule):
         resolution: Training resolution in pixels; the default render size. Linked from ``data.resolution``.
         sampling: How validation (and ``predict``) renders images: images per prompt, guidance, steps, sampler,
             size, negative prompt, LoRA scale.
+        nan_policy: What a NaN or infinite loss does: ``stop`` raises an error naming the step (the weights are left
+            as they were before it), ``skip`` skips that optimizer step with a warning. Unlike the other model
+            options, the value given when resuming with ``--ckpt_path`` applies (the others come from the checkpoint).
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class DreamBoothModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         resolution: int = 512,
         sampling: SamplingSettings = SamplingSettings(),
+        nan_policy: NanPolicy = "stop",
     ) -> None:
         super().__init__()
         if use_lora:  # fail at config time, before any weight loads
@@ -101,13 +108,20 @@ class DreamBoothModule(pl.LightningModule):
             raise ValueError("model.learning_rate and model.text_encoder_lr must be positive.")
         if prior_loss_weight < 0:
             raise ValueError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
-        self.save_hyperparameters()
+        if nan_policy not in ("stop", "skip"):
+            raise ValueError(f"model.nan_policy must be 'stop' or 'skip', got {nan_policy!r}.")
+        # Not a saved hyperparameter: LightningCLI restores those from a checkpoint on resume, and this one must be
+        # changeable then (a run stopped by a NaN resumes with nan_policy=skip).
+        self.save_hyperparameters(ignore=["nan_policy"])
+        self.nan_policy = nan_policy
         # hparams hold a plain dict (for checkpoints and loggers); the module reads the typed settings.
         self.sampling = sampling if isinstance(sampling, SamplingSettings) else SamplingSettings(**sampling)
         self.parts: SDComponents | None = None  # loaded in configure_model
         self._pipe = None  # a sampling pipeline around the live modules, built per validation run
         # Checkpoints hold only the trained weights, so loading one is partial by design (see on_load_checkpoint).
         self.strict_loading = False
+        self._skip_optimizer_step = False  # set by a non-finite loss under nan_policy="skip"
+        self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
 
     # ----------------------------------------------------------------------------------------------- model set-up
     def configure_model(self) -> None:
@@ -166,6 +180,7 @@ class DreamBoothModule(pl.LightningModule):
         model_pred = self.unet(noisy_latents, timesteps, context).sample
         target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
         terms = dreambooth_loss(model_pred, target, batch["is_prior"], self.hparams.prior_loss_weight)
+        self._check_loss(terms._asdict(), batch_idx)
         bs = batch["pixel_values"].shape[0]
         self.log("train/loss", terms.loss, prog_bar=True, batch_size=bs)
         self.log("train/loss_instance", terms.instance, batch_size=bs)
@@ -173,6 +188,24 @@ class DreamBoothModule(pl.LightningModule):
         for group in self.optimizers().param_groups if self._trainer is not None else []:
             self.log(f"train/lr_{group['name']}", group["lr"], batch_size=bs)
         return terms.loss
+
+    def _check_loss(self, terms: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Stop (raise) or mark the optimizer step to be skipped when the loss is not finite; all ranks agree."""
+        finite = bool(torch.isfinite(terms["loss"]))
+        if self._trainer is not None:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return
+        message = non_finite_loss_message(self.global_step + 1, self.current_epoch, batch_idx, terms)
+        if self.nan_policy == "stop":
+            raise NonFiniteLossError(message)
+        rank_zero_warn(f"{message} Skipping this optimizer step (model.nan_policy=skip).")
+        self._skip_optimizer_step = True
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._skip_optimizer_step:  # no gradient: the optimizer leaves every weight and its state as they are
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_optimizer_step = False
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -221,6 +254,8 @@ class DreamBoothModule(pl.LightningModule):
         """Save only what is trained: the frozen base model is reloaded from its source on resume."""
         keep = self.trained_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        check_finite_weights(checkpoint["state_dict"], self.global_step)  # never replace a good checkpoint
+        checkpoint["rng_states"] = capture_rng_states()  # so that a resumed run draws the same noise
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Loading is partial by design; make sure it is complete for what trains and matches this model."""
@@ -233,3 +268,9 @@ class DreamBoothModule(pl.LightningModule):
                 f"({len(unknown)} unknown keys, e.g. {unknown[:3]}; {len(missing)} missing, e.g. {missing[:3]}). "
                 "Was it made with other LoRA / train_text_encoder settings or another base model?"
             )
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        if self._rng_states_to_restore is not None:  # restored last, after everything that set up the run
+            restore_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None

@@ -32,6 +32,24 @@ def class_images_dir(tmp_path_factory) -> Path:
     return out
 
 
+def fit_args(run_dir: Path, instance_dir: Path, class_dir: Path, *overrides: str, steps: int = 2) -> list[str]:
+    """CLI arguments for a short, complete demo-style fit writing into ``run_dir``."""
+    return [
+        "fit",
+        "--config", str(ROOT / "configs" / "demo.yaml"),
+        "--trainer.max_steps", str(steps),
+        "--trainer.default_root_dir", str(run_dir),
+        # CSV by default (fast); the W&B tests set the logger back to W&B (offline).
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir", str(run_dir),
+        "--trainer.enable_progress_bar", "false",
+        "--data.instance_data_dir", str(instance_dir),
+        "--data.class_data_dir", str(class_dir),
+        "--data.num_class_images", "4",
+        *overrides,
+    ]  # fmt: skip
+
+
 @pytest.fixture
 def run_args(tmp_path, toy_subject_dir, class_images_dir):
     """CLI arguments for a short, complete demo-style fit in ``tmp_path``; tests append overrides."""
@@ -39,20 +57,7 @@ def run_args(tmp_path, toy_subject_dir, class_images_dir):
     shutil.copytree(class_images_dir, class_dir)
 
     def make(*overrides: str, steps: int = 2) -> list[str]:
-        return [
-            "fit",
-            "--config", str(ROOT / "configs" / "demo.yaml"),
-            "--trainer.max_steps", str(steps),
-            "--trainer.default_root_dir", str(tmp_path / "runs"),
-            # CSV by default (fast); the W&B tests set the logger back to W&B (offline).
-            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-            "--trainer.logger.save_dir", str(tmp_path / "runs"),
-            "--trainer.enable_progress_bar", "false",
-            "--data.instance_data_dir", str(toy_subject_dir),
-            "--data.class_data_dir", str(class_dir),
-            "--data.num_class_images", "4",
-            *overrides,
-        ]  # fmt: skip
+        return fit_args(tmp_path / "runs", toy_subject_dir, class_dir, *overrides, steps=steps)
 
     return make
 

@@ -1,5 +1,7 @@
 """Callbacks that tests attach through the CLI (``--trainer.callbacks+=tests.helpers.X``)."""
 
+import os
+
 import lightning.pytorch as pl
 
 
@@ -14,3 +16,55 @@ class RecordStart(pl.Callback):
         self.global_step = trainer.global_step
         state = trainer.optimizers[0].state_dict()["state"]
         self.optimizer_step = float(state[0]["step"]) if state else None  # a copy: the tensor is updated in place
+
+
+class PoisonBatch(pl.Callback):
+    """Makes the pixels of the batch of optimizer step ``step`` (1-based) NaN, so that its loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 == self.step:
+            batch["pixel_values"].fill_(float("nan"))
+
+
+class PoisonWeights(pl.Callback):
+    """After optimizer step ``step``, sets one trained weight to NaN (before the checkpoint callbacks run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            next(p for p in pl_module.parameters() if p.requires_grad).data.fill_(float("nan"))
+
+
+class RecordWeights(pl.Callback):
+    """Copies of the trained weights after each optimizer step, by step."""
+
+    def __init__(self) -> None:
+        self.by_step: dict = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        trained = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        self.by_step[trainer.global_step] = trained
+
+
+class SendSignal(pl.Callback):
+    """Sends ``signum`` (a number: 15 SIGTERM, 2 SIGINT) to this process ``times`` times after optimizer step ``step``."""
+
+    def __init__(self, step: int, signum: int, times: int = 1) -> None:
+        self.step, self.signum, self.times = step, signum, times
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+
+class ReportStep(pl.Callback):
+    """Prints ``fault-injection: step N`` after each optimizer step (before the checkpoint callbacks save it)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        print(f"fault-injection: step {trainer.global_step}", flush=True)

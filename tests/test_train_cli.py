@@ -12,6 +12,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from callbacks.fault_tolerance import SafeCheckpointIO
 from callbacks.run_dir import run_dir
 from lightning_modules.builtin_models import resolve_pretrained
 from train import cli_main
@@ -67,6 +68,8 @@ def test_lora_checkpoint_holds_only_trained_weights_and_resumes(run_args, tmp_pa
     args = run_args("--trainer.callbacks.init_args.every_n_train_steps=2", "--model.train_text_encoder=true", steps=2)
     cli = cli_main(args)
     ckpt_path = Path(cli.trainer.checkpoint_callback.last_model_path)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)  # atomic writes, weights_only loads
+    assert sorted(p.name for p in ckpt_path.parent.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     keys = list(ckpt["state_dict"])
     assert keys and all("lora_" in k for k in keys), "a frozen base weight entered the checkpoint"

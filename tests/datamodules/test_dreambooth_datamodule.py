@@ -6,11 +6,11 @@ import logging
 import shutil
 
 import pytest
-import torch
 
 import datamodules.dreambooth as dreambooth
 from datamodules import DreamBoothDataModule
 from datamodules.images import ImageLoadError
+from datamodules.resumable import ResumableSampler
 
 INSTANCE, CLASS = "a photo of sks ball", "a photo of ball"
 
@@ -118,4 +118,4 @@ def test_workers_are_persistent(toy_subject_dir):
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert loader.num_workers == 1 and loader.persistent_workers
-    assert isinstance(loader.sampler, torch.utils.data.RandomSampler)  # shuffled
+    assert isinstance(loader.sampler, ResumableSampler) and loader.sampler.shuffle

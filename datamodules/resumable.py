@@ -1,0 +1,181 @@
+"""A training data order that is a function of (seed, epoch) and can resume mid-epoch, Lightning-free.
+
+A resumed run must see the same batches, with the same random flips and crops, as an uninterrupted one:
+
+- :class:`ResumableSampler` shuffles with ``seed + epoch`` (as ``DistributedSampler`` does, so each rank takes its
+  own shard and Lightning does not wrap it), pairs each index with a per-item seed, and can start a pass at a
+  given position.
+- :class:`SeededItems` runs each item's random transforms under that item's seed, inside a forked RNG: augmentations
+  depend neither on the global RNG (which the model's noise draws use), nor on worker processes, nor on resuming.
+- :class:`ResumableDataLoader` is a ``DataLoader`` with ``state_dict`` / ``load_state_dict`` (the protocol Lightning
+  uses to save and restore a loader's mid-epoch position in checkpoints): it counts its own passes (epochs) and
+  batches, and its state is the epoch and the number of samples it has handed out in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+_MASK63 = (1 << 63) - 1
+
+
+def item_seed(seed: int, epoch: int, position: int) -> int:
+    """Seed of the item at ``position`` (over all ranks) in pass ``epoch``: distinct per item, epoch and seed."""
+    # splitmix64-style mixing: nearby inputs give unrelated seeds.
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + position * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) & _MASK63
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffled indices of ``dataset`` for one rank, in an order fixed by ``(seed, epoch)``, each with an item seed.
+
+    Yields ``(index, item_seed)`` pairs, for :class:`SeededItems`. Used alone it follows ``set_epoch`` like
+    ``DistributedSampler``; driven by a :class:`ResumableDataLoader`, each pass uses the epoch and start position the
+    loader gives it with :meth:`start_pass`, whatever ``set_epoch`` said (see the loader for why).
+
+    Args:
+        dataset: The dataset (only its length is used).
+        seed: Seed of the order and of the item seeds.
+        num_replicas: Number of ranks; each gets ``ceil(len / num_replicas)`` items (padded by repetition).
+        rank: This process's rank.
+        shuffle: Shuffle (training); ``False`` keeps the dataset order.
+        drop_last: Drop the tail instead of padding so that every rank gets the same number of items.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self._pass: tuple[int, int] | None = None  # (epoch, start), set by the loader
+
+    def start_pass(self, epoch: int, start: int = 0) -> None:
+        """Make the following passes use ``epoch`` and start at this rank's position ``start``."""
+        self._pass = (epoch, max(0, int(start)))
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices in pass ``epoch``: those at positions rank, rank + R, rank + 2R, ... of the order."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            indices = torch.randperm(len(self.dataset), generator=g).tolist()
+        else:
+            indices = list(range(len(self.dataset)))
+        if self.drop_last:
+            indices = indices[: self.total_size]
+        else:
+            padding = self.total_size - len(indices)
+            indices += (indices * (padding // len(indices) + 1))[:padding]
+        return indices[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, start = self._pass if self._pass is not None else (self.epoch, 0)
+        for local, index in enumerate(self.order(epoch)[start:], start=start):
+            yield index, item_seed(self.seed, epoch, local * self.num_replicas + self.rank)
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so that item ``(index, seed)`` is made under ``torch.manual_seed(seed)``, in a forked RNG.
+
+    Plain integer indices pass through unchanged (e.g. when Lightning swaps in a sequential sampler).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that counts its own passes (epochs) and batches, and can save and restore both.
+
+    The loader, not the caller's ``set_epoch``, decides the epoch of each pass: a pass becomes the current one when it
+    hands out its first batch, and the next pass is the next epoch. (Lightning 2.6's epoch counters in a checkpoint
+    written by a resumed run are off by one at an epoch's end, and a second resume from it calls ``set_epoch`` with
+    the previous epoch; the loader's own count stays right.) ``state_dict()`` is the current pass's epoch and the
+    samples handed out in it, counted as batches are returned (worker prefetching does not count);
+    ``load_state_dict()`` makes the next pass continue from there.
+
+    Args:
+        epoch: Epoch of the first pass (the trainer's current epoch when the loader is made).
+        args, kwargs: Those of ``DataLoader``.
+    """
+
+    def __init__(self, *args: Any, epoch: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._next = (epoch, 0)  # (epoch, samples to skip) of the next pass
+        self._current: list[int] | None = None  # [epoch, batches handed out] of the current pass
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch, start = self._next
+        if isinstance(self.sampler, ResumableSampler):
+            self.sampler.start_pass(epoch, start)
+        return self._counted(super().__iter__(), epoch, start)
+
+    def _counted(self, iterator: Iterator[Any], epoch: int, start: int) -> Iterator[Any]:
+        current = None
+        for batch in iterator:
+            if current is None:  # the pass has begun: it is the current one, the next pass is the next epoch
+                current = self._current = [epoch, start // (self.batch_size or 1)]
+                self._next = (epoch + 1, 0)
+            current[1] += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        if self._current is None:  # no batch handed out since the loader was made or restored
+            return {"epoch": self._next[0], "samples_done": self._next[1]}
+        epoch, batches = self._current
+        if batches >= len(self):  # the pass is complete: the next one is a new epoch from its start
+            return {"epoch": epoch + 1, "samples_done": 0}
+        return {"epoch": epoch, "samples_done": batches * (self.batch_size or 1)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._next = (int(state["epoch"]), int(state["samples_done"]))
+        self._current = None
+
+
+def resumable_train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+    num_workers: int = 0,
+    epoch: int = 0,
+    **kwargs: Any,
+) -> ResumableDataLoader:
+    """The training loader: shuffled by ``(seed, epoch)``, one shard per rank, seeded items, resumable mid-epoch.
+
+    ``kwargs`` go to the ``DataLoader`` (``collate_fn``, ``drop_last``, ...). The loader's own generator (for the
+    workers' base seed) is seeded too, so creating an iterator never draws from the global RNG.
+    """
+    sampler = ResumableSampler(dataset, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=True)
+    return ResumableDataLoader(
+        SeededItems(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+        epoch=epoch,
+        **kwargs,
+    )
