@@ -7,8 +7,9 @@
   non-atomic copy) and load them with ``torch.load(weights_only=True)`` whatever ``--weights_only`` or
   ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` say;
 - on SIGTERM (a cluster scheduler, ``kill``) or a first Ctrl-C it saves ``last.ckpt`` at the end of the current
-  training step, then stops (SIGTERM: Lightning's exit; Ctrl-C: exit status 1). A second Ctrl-C stops at once,
-  without saving: the last checkpoint written stays as it was;
+  training step, then stops with exit status 143 (SIGTERM; Lightning's own exit would be 0, as if the run had
+  finished) or 1 (Ctrl-C). A second Ctrl-C stops at once, without saving: the last checkpoint written stays as
+  it was;
 - a run killed without warning (SIGKILL, a power cut) resumes from its last checkpoint with ``--ckpt_path``.
 """
 
@@ -27,6 +28,7 @@ from lightning.fabric.utilities.cloud_io import _load as pl_load
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_modules.safe_files import atomic_torch_save, safe_torch_load
 
@@ -80,6 +82,7 @@ class FaultTolerance(pl.Callback):
         self.dirpath = dirpath
         self.interrupted = False  # a first Ctrl-C was received
         self.saved_on_signal: Path | None = None
+        self._saved_step: int | None = None  # global step of the last checkpoint saved on a signal
         self._previous_sigint: Any = None
 
     # -------------------------------------------------------------------------------------------------- set-up
@@ -132,16 +135,27 @@ class FaultTolerance(pl.Callback):
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
         if not requested:
             return
-        path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
-        self.saved_on_signal = path
-        rank_zero_info(f"Saved a checkpoint at step {trainer.global_step} to {path}; resume with --ckpt_path {path}")
+        self._save(trainer)
         if not trainer.received_sigterm:  # Ctrl-C: Lightning's graceful shutdown (exit status 1)
             raise KeyboardInterrupt
-        # SIGTERM: Lightning itself stops the run at the end of this batch.
+        # SIGTERM: Lightning itself stops the run at the end of this batch (SIGTERMException, see on_exception).
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        path = self.checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        self.saved_on_signal, self._saved_step = path, trainer.global_step
+        rank_zero_info(f"Saved a checkpoint at step {trainer.global_step} to {path}; resume with --ckpt_path {path}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_sigint()
+        if not isinstance(exception, SIGTERMException):
+            return
+        # SIGTERM after this callback's on_train_batch_end (e.g. while a ModelCheckpoint wrote): save now, at the
+        # end of the same step, which Lightning resumes from as well.
+        if self.save_on_signal and trainer.training and self._saved_step != trainer.global_step:
+            self._save(trainer)
+        if exception.code in (None, 0):
+            exception.code = 128 + signal.SIGTERM  # the shell's status for a run ended by SIGTERM: not "finished"
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_sigint()

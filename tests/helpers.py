@@ -3,6 +3,7 @@
 import os
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Checkpoint
 
 
 class RecordStart(pl.Callback):
@@ -68,3 +69,14 @@ class ReportStep(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         print(f"fault-injection: step {trainer.global_step}", flush=True)
+
+
+class SendSignalLate(Checkpoint):
+    """Like :class:`SendSignal`, but a ``Checkpoint`` callback: Lightning runs it after every other callback."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

@@ -59,6 +59,7 @@ def _weights(root: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # five train.py processes; several times longer on a loaded machine
 def test_sigkilled_runs_resume_to_the_same_weights_as_an_uninterrupted_run(tmp_path, toy_subject_dir, class_images_dir):
     rng = random.Random(int(os.environ.get("FAULT_INJECTION_SEED", "20240607")))
     roots = {name: tmp_path / name for name in ("reference", "faulty")}
@@ -73,6 +74,7 @@ def test_sigkilled_runs_resume_to_the_same_weights_as_an_uninterrupted_run(tmp_p
     proc, lines = _start(args("reference"))
     assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
     reference_seconds = time.monotonic() - started
+    print(f"reference run: {reference_seconds:.0f} s", flush=True)
 
     kills, log = 0, []
     last_ckpt = _run_dir(roots["faulty"]) / "checkpoints" / "last.ckpt"
@@ -95,6 +97,7 @@ def test_sigkilled_runs_resume_to_the_same_weights_as_an_uninterrupted_run(tmp_p
                 proc.wait()
                 kills += 1
                 log.append(f"attempt {attempt}: resumed from step {resumed_from}, SIGKILL {where}")
+                print(log[-1], f"({time.monotonic() - started:.0f} s)", flush=True)
                 continue
         assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
         log.append(f"attempt {attempt}: resumed from step {resumed_from}, ran to the end")

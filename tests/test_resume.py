@@ -67,11 +67,18 @@ def test_resuming_twice_gives_the_same_weights_bitwise(run_args, reference, tmp_
     assert_same_weights(_resume(run_args, second), weights)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_a_signal_saves_a_checkpoint_then_resuming_gives_the_same_weights(run_args, reference, tmp_path, signum):
-    send = ("--trainer.callbacks+=tests.helpers.SendSignal", "--trainer.callbacks.step=3")
-    with pytest.raises(SystemExit):  # SIGTERM: Lightning's SIGTERMException; Ctrl-C: exit status 1
+@pytest.mark.parametrize(
+    "sender, signum, status",
+    [("SendSignal", signal.SIGTERM, 143), ("SendSignalLate", signal.SIGTERM, 143), ("SendSignal", signal.SIGINT, 1)],
+    ids=["SIGTERM", "SIGTERM-after-the-callback", "Ctrl-C"],
+)
+def test_a_signal_saves_a_checkpoint_then_resuming_gives_the_same_weights(
+    run_args, reference, tmp_path, sender, signum, status
+):
+    send = (f"--trainer.callbacks+=tests.helpers.{sender}", "--trainer.callbacks.step=3")
+    with pytest.raises(SystemExit) as exit_info:
         cli_main(run_args(*send, f"--trainer.callbacks.signum={int(signum)}", steps=STEPS))
+    assert exit_info.value.code == status
     (last,) = (tmp_path / "runs").rglob("last.ckpt")
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works normally again
