@@ -30,6 +30,7 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.run_dir import run_dir
 from lightning_modules.safe_files import atomic_torch_save, safe_torch_load
 
 
@@ -123,7 +124,7 @@ class FaultTolerance(pl.Callback):
         callback = trainer.checkpoint_callback
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             return Path(callback.dirpath) / name
-        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / name
+        return run_dir(trainer) / "checkpoints" / name
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
