@@ -51,7 +51,7 @@ def _last_step(lines: list[str]) -> int:
 
 
 def _run_dir(root: Path) -> Path:
-    return root / "runs" / "demo" / "run"
+    return root / "runs" / "lightning_logs" / "run"  # fit_args: CSVLogger, default name
 
 
 def _weights(root: Path) -> dict[str, torch.Tensor]:
