@@ -67,9 +67,10 @@ def test_fit_full_exports_a_pipeline_folder(run_args, train_text_encoder):
 def test_lora_checkpoint_holds_only_trained_weights_and_resumes(run_args, tmp_path):
     args = run_args("--trainer.callbacks.init_args.every_n_train_steps=2", "--model.train_text_encoder=true", steps=2)
     cli = cli_main(args)
-    ckpt_path = Path(cli.trainer.checkpoint_callback.last_model_path)
+    (ckpt_path,) = run_dir(cli.trainer).rglob("last.ckpt")
     assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)  # atomic writes, weights_only loads
-    assert sorted(p.name for p in ckpt_path.parent.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    names = sorted(p.name for p in ckpt_path.parent.iterdir())  # no temporary file left beside them
+    assert {"epoch=0-step=2.ckpt", "last.ckpt"} <= set(names) and all(n.endswith(".ckpt") for n in names)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     keys = list(ckpt["state_dict"])
     assert keys and all("lora_" in k for k in keys), "a frozen base weight entered the checkpoint"
