@@ -30,7 +30,9 @@ def _wandb_run_file(save_dir: Path) -> Path:
 
 def test_wandb_offline_run_holds_grids_and_metrics(run_args, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    wandb.finish()  # no run left over from another test in this process: the logger would reuse it
     save_dir = tmp_path / "wb"
+    monkeypatch.setenv("WANDB_DIR", str(save_dir))
     cli = cli_main(run_args(*WANDB, f"--trainer.logger.save_dir={save_dir}", "--trainer.val_check_interval=2", steps=4))
     wandb.finish()  # a script's exit flushes the run file; in-process, finish it first
     rows = history(_wandb_run_file(save_dir))
