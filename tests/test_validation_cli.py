@@ -35,6 +35,7 @@ def test_wandb_offline_run_holds_grids_and_metrics(run_args, tmp_path, monkeypat
     monkeypatch.setenv("WANDB_DIR", str(save_dir))
     cli = cli_main(run_args(*WANDB, f"--trainer.logger.save_dir={save_dir}", "--trainer.val_check_interval=2", steps=4))
     wandb.finish()  # a script's exit flushes the run file; in-process, finish it first
+    wandb.teardown()  # and leave no W&B service or settings behind for later tests in this process
     rows = history(_wandb_run_file(save_dir))
     metric_steps = {
         name: sorted(r["trainer/global_step"] for r in rows if name in r)
