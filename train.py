@@ -7,9 +7,13 @@ from lightning.pytorch.cli import LightningCLI
 from callbacks.export import DreamBoothExport
 from callbacks.grid import SampleGrid
 from callbacks.metrics import SubjectMetrics
+from callbacks.render import RenderWriter
 from callbacks.run_dir import SaveRunConfig
 from datamodules import DreamBoothDataModule
 from lightning_modules.dreambooth import DreamBoothModule
+
+# How to render, not what was trained: with --ckpt_path, these keep the command's values (see _parse_ckpt_path).
+RENDER_OPTIONS = ("sampling", "lora_weights", "controlnet")
 
 
 class DreamBoothCLI(LightningCLI):
@@ -23,6 +27,16 @@ class DreamBoothCLI(LightningCLI):
         parser.add_lightning_class_args(SubjectMetrics, "metrics")
         parser.add_lightning_class_args(SampleGrid, "grid")
         parser.add_lightning_class_args(DreamBoothExport, "export")
+        parser.add_lightning_class_args(RenderWriter, "render")  # predict: PNGs with their settings
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI replaces every model option with the checkpoint's hyperparameters, which rebuilds the model as
+        it was trained; the render options (guidance, LoRA scales, sampler, ControlNet, ...) stay as given here."""
+        subcommand = self.config.get("subcommand")
+        given = {name: self.config[subcommand]["model"].get(name) for name in RENDER_OPTIONS} if subcommand else {}
+        super()._parse_ckpt_path()
+        for name, value in given.items():
+            self.config[subcommand]["model"][name] = value
 
 
 def cli_main(args: list[str] | None = None) -> DreamBoothCLI:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.class_images import generate_class_images
 from datamodules.datasets import DreamBoothDataset, collate_dreambooth
 from datamodules.images import check_image_folder, check_images, list_images
+from datamodules.predict import collate_predict, load_control_image, read_prompts_file
 from datamodules.prompts import resolve_templates
 from datamodules.validation import ValidationPromptDataset, collate_prompts, validation_sampler
 
@@ -78,9 +81,16 @@ class DreamBoothDataModule(pl.LightningDataModule):
             identifier in the instance prompt ("a photo of sks dog" -> "dog").
         pres_prompt: Template of the bare class prompt rendered for PRES (prior preservation), e.g. ``"a
             {class_noun}"``; null to skip it.
-        validation_batch_size: Prompts rendered per validation step.
+        validation_batch_size: Prompts rendered per step (validation and ``predict``).
         validation_seed: Base seed of the validation renders: prompt ``i``, image ``j`` use seed
             ``(validation_seed + i) * 1000 + j``, the same at every validation.
+        predict_prompts: Prompts that ``predict`` renders (templates: ``{identifier}`` and ``{class_noun}`` are filled
+            in, as in validation); null renders ``predict_prompts_file`` or else the validation prompts.
+        predict_prompts_file: A text file with one prompt per line (``#`` starts a comment line), instead of
+            ``predict_prompts``.
+        predict_seed: Base seed of ``predict``: prompt ``i``, image ``j`` use seed ``(predict_seed + i) * 1000 + j``.
+        control_image: Condition image for ``model.controlnet`` (e.g. an OpenPose skeleton), used for every prompt
+            that ``predict`` renders.
     """
 
     def __init__(
@@ -109,10 +119,17 @@ class DreamBoothDataModule(pl.LightningDataModule):
         pres_prompt: str | None = "a {class_noun}",
         validation_batch_size: int = 4,
         validation_seed: int = 0,
+        predict_prompts: list[str] | None = None,
+        predict_prompts_file: str | None = None,
+        predict_seed: int = 0,
+        control_image: str | None = None,
     ) -> None:
         super().__init__()
         self.validation_templates = resolve_templates(validation_prompts, "data.validation_prompts")
         resolve_templates([pres_prompt] if pres_prompt else [], "data.pres_prompt")
+        if predict_prompts is not None and predict_prompts_file is not None:
+            raise ValueError("Give data.predict_prompts or data.predict_prompts_file, not both.")
+        resolve_templates(predict_prompts or [], "data.predict_prompts")
         if not instance_prompt.strip():
             raise ValueError("data.instance_prompt is empty: give the subject's caption, e.g. 'a photo of sks dog'.")
         if resolution <= 0 or resolution % 8:
@@ -149,12 +166,17 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.train_dataset: DreamBoothDataset | None = None  # built in setup("fit")
         self.val_dataset: ValidationPromptDataset | None = None  # built in setup("fit" / "validate")
+        self.predict_dataset: ValidationPromptDataset | None = None  # built in setup("predict")
+        self.control: Tensor | None = None  # (1, 3, H, W) ControlNet condition, loaded in setup("predict")
 
     def prepare_data(self) -> None:
-        """Check the subject's images and generate the missing class images (once per node, on local rank 0)."""
+        """Check the subject's images and, for ``fit``, generate the missing class images (once per node)."""
         hp = self.hparams
+        stage = self.trainer.state.fn if self.trainer is not None else "fit"
+        if stage == "predict":
+            return  # renders prompts: the run's images are not needed
         check_image_folder(hp.instance_data_dir, "data.instance_data_dir")
-        if hp.with_prior_preservation:
+        if hp.with_prior_preservation and stage == "fit":
             Path(hp.class_data_dir).expanduser().mkdir(parents=True, exist_ok=True)
             generate_class_images(
                 hp.pretrained_model_name_or_path,
@@ -181,6 +203,18 @@ class DreamBoothDataModule(pl.LightningDataModule):
             self.val_dataset = ValidationPromptDataset(
                 self.validation_templates, hp.identifier, noun, hp.pres_prompt, hp.validation_seed
             )
+        if stage == "predict":
+            self.predict_dataset, self.control = self._build_predict_dataset()
+
+    def _build_predict_dataset(self) -> tuple[ValidationPromptDataset, Tensor | None]:
+        hp = self.hparams
+        if hp.predict_prompts_file:
+            templates = resolve_templates(read_prompts_file(hp.predict_prompts_file), "data.predict_prompts_file")
+        else:
+            templates = hp.predict_prompts or self.validation_templates
+        noun = validation_class_noun(templates, None, hp.identifier, hp.class_noun, hp.instance_prompt)
+        control = load_control_image(hp.control_image) if hp.control_image else None
+        return ValidationPromptDataset(templates, hp.identifier, noun, None, hp.predict_seed), control
 
     def reference_images(self) -> list[Path]:
         """The subject's real images, which validation renders are compared with (DINO, CLIP-I)."""
@@ -236,4 +270,15 @@ class DreamBoothDataModule(pl.LightningDataModule):
             batch_size=self.hparams.validation_batch_size,
             sampler=validation_sampler(self.val_dataset),
             collate_fn=collate_prompts,
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        """The prompts to render, with the condition image (Lightning spreads them across DDP ranks)."""
+        if self.predict_dataset is None:
+            raise RuntimeError("DreamBoothDataModule.predict_dataloader() needs setup('predict') first.")
+        return DataLoader(
+            self.predict_dataset,
+            batch_size=self.hparams.validation_batch_size,
+            sampler=validation_sampler(self.predict_dataset),
+            collate_fn=partial(collate_predict, control_image=self.control),
         )
