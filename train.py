@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.evaluation import DreamBenchEvaluation
 from callbacks.export import DreamBoothExport
 from callbacks.grid import SampleGrid
 from callbacks.metrics import SubjectMetrics
@@ -28,6 +29,9 @@ class DreamBoothCLI(LightningCLI):
         parser.add_lightning_class_args(SampleGrid, "grid")
         parser.add_lightning_class_args(DreamBoothExport, "export")
         parser.add_lightning_class_args(RenderWriter, "render")  # predict: PNGs with their settings
+        parser.add_lightning_class_args(DreamBenchEvaluation, "evaluation")  # test: the DreamBench report
+        for name in ("dino_model", "clip_model", "clip_pretrained", "div_distance"):
+            parser.link_arguments(f"metrics.{name}", f"evaluation.{name}")  # one set of encoders
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI replaces every model option with the checkpoint's hyperparameters, which rebuilds the model as

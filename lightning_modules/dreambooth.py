@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import torch
 
 from datamodules.batch import DreamBoothBatch
+from datamodules.evaluation import EvalBatch
 from datamodules.predict import PredictBatch
 from datamodules.validation import ValidationBatch
 from lightning_modules.controlnet import build_controlnet_pipeline, check_controlnet_fits, load_controlnet
@@ -68,9 +69,9 @@ class DreamBoothModule(pl.LightningModule):
         gradient_checkpointing: Recompute activations in backward to save memory (UNet, and the text encoder when
             trained).
         resolution: Training resolution in pixels; the default render size. Linked from ``data.resolution``.
-        sampling: How validation and ``predict`` render images: images per prompt, guidance, steps,
+        sampling: How validation, ``predict`` and ``test`` render images: images per prompt, guidance, steps,
             sampler, size, negative prompt, LoRA scales of the UNet and the text encoder.
-        lora_weights: A LoRA export to render and evaluate with (``validate`` / ``predict``), instead of
+        lora_weights: A LoRA export to render and evaluate with (``validate`` / ``test`` / ``predict``), instead of
             fresh adapters: the ``export`` folder that ``fit`` wrote, or its ``pytorch_lora_weights.safetensors``.
             Rank, alpha and targets come from the file. (A full fine-tune's export is a base model:
             ``--model.pretrained_model_name_or_path <export>/pipeline``.)
@@ -119,7 +120,7 @@ class DreamBoothModule(pl.LightningModule):
         # hparams hold a plain dict (for checkpoints and loggers); the module reads the typed settings.
         self.sampling = sampling if isinstance(sampling, SamplingSettings) else SamplingSettings(**sampling)
         self.parts: SDComponents | None = None  # loaded in configure_model
-        self._pipe = None  # a sampling pipeline around the live modules, built per validation / predict run
+        self._pipe = None  # a sampling pipeline around the live modules, built per validation / test / predict run
         self.controlnet = None  # loaded in configure_model when model.controlnet is set
         # Checkpoints hold only the trained weights, so loading one is partial by design (see on_load_checkpoint).
         self.strict_loading = False
@@ -160,7 +161,7 @@ class DreamBoothModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.lora_weights:
             raise ValueError(
-                "model.lora_weights loads a finished export for validate / predict; fit trains fresh adapters. "
+                "model.lora_weights loads a finished export for validate / test / predict; fit trains fresh adapters. "
                 "To continue training a run, resume it with --ckpt_path <run dir>/checkpoints/last.ckpt."
             )
 
@@ -224,6 +225,18 @@ class DreamBoothModule(pl.LightningModule):
         return self._render_prompts(batch, self.sampling.num_images_per_prompt)
 
     def on_validation_epoch_end(self) -> None:
+        self._pipe = None
+
+    def on_test_epoch_start(self) -> None:
+        self._pipe = build_pipeline(self.parts, self.sampling.sampler)
+
+    def test_step(self, batch: EvalBatch, batch_idx: int) -> dict:
+        """The evaluation protocol's renders: ``num_images`` per prompt, for the subject of each prompt."""
+        out = self._render_prompts(batch, batch["num_images"])
+        out["subject_index"] = batch["subject_index"].repeat_interleave(batch["num_images"]).tolist()
+        return out
+
+    def on_test_epoch_end(self) -> None:
         self._pipe = None
 
     def on_predict_epoch_start(self) -> None:
