@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.evaluation import DreamBenchEvaluation
 from callbacks.export import DreamBoothExport
 from callbacks.fault_tolerance import FaultTolerance
 from callbacks.grid import SampleGrid
 from callbacks.metrics import SubjectMetrics
+from callbacks.render import RenderWriter
 from callbacks.run_dir import SaveRunConfig
 from callbacks.wandb_offline import start_wandb_or_go_offline
 from datamodules import DreamBoothDataModule
 from lightning_modules.dreambooth import DreamBoothModule
+
+# How to render, not what was trained: with --ckpt_path, these keep the command's values (see _parse_ckpt_path).
+RENDER_OPTIONS = ("sampling", "lora_weights", "controlnet")
 
 
 class DreamBoothCLI(LightningCLI):
@@ -26,11 +31,24 @@ class DreamBoothCLI(LightningCLI):
         parser.add_lightning_class_args(SampleGrid, "grid")
         parser.add_lightning_class_args(DreamBoothExport, "export")
         parser.add_lightning_class_args(FaultTolerance, "fault_tolerance")
+        parser.add_lightning_class_args(RenderWriter, "render")  # predict: PNGs with their settings
+        parser.add_lightning_class_args(DreamBenchEvaluation, "evaluation")  # test: the DreamBench report
+        for name in ("dino_model", "clip_model", "clip_pretrained", "div_distance"):
+            parser.link_arguments(f"metrics.{name}", f"evaluation.{name}")  # one set of encoders
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         start_wandb_or_go_offline(trainer.loggers)  # no API key or no network: log offline, with one warning
         return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI replaces every model option with the checkpoint's hyperparameters, which rebuilds the model as
+        it was trained; the render options (guidance, LoRA scales, sampler, ControlNet, ...) stay as given here."""
+        subcommand = self.config.get("subcommand")
+        given = {name: self.config[subcommand]["model"].get(name) for name in RENDER_OPTIONS} if subcommand else {}
+        super()._parse_ckpt_path()
+        for name, value in given.items():
+            self.config[subcommand]["model"][name] = value
 
 
 def cli_main(args: list[str] | None = None) -> DreamBoothCLI:

@@ -10,8 +10,8 @@ import torch
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from datamodules.images import load_image
-from metrics import Diversity, PreservationScore, PromptFidelity, SubjectFidelity, load_clip, load_dino
-from metrics.subject import strip_identifier
+from metrics import load_clip, load_dino
+from metrics.dreambench import PER_IMAGE, SubjectScorer
 
 
 class SubjectMetrics(pl.Callback):
@@ -49,60 +49,38 @@ class SubjectMetrics(pl.Callback):
         self.enabled = enabled
         self.dino_model, self.clip_model, self.clip_pretrained = dino_model, clip_model, clip_pretrained
         self.pres, self.div, self.div_distance = pres, div, div_distance
-        self.metrics: dict[str, torch.nn.Module] = {}
-        self.identifier = ""
+        self.scorer: SubjectScorer | None = None  # built in setup
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self.enabled or self.metrics or stage not in ("fit", "validate"):
+        if not self.enabled or self.scorer is not None or stage not in ("fit", "validate"):
             return
         datamodule = trainer.datamodule
         references = [pil_to_tensor(load_image(p)).float() / 255 for p in datamodule.reference_images()]
-        dino = load_dino(self.dino_model)
-        clip = load_clip(self.clip_model, self.clip_pretrained)
-        self.identifier = datamodule.hparams.identifier
-        metrics = {"val/dino": SubjectFidelity(dino, references), "val/clip_i": SubjectFidelity(clip, references)}
-        metrics["val/clip_t"] = PromptFidelity(clip)
-        if self.pres and datamodule.hparams.pres_prompt:
-            metrics["val/pres"] = PreservationScore(dino, references)
-        if self.div:
-            metrics["val/div"] = Diversity(self.div_distance, encoder=dino if self.div_distance == "dino" else None)
-        self.metrics = {name: m.to(pl_module.device) for name, m in metrics.items()}
+        self.scorer = SubjectScorer(
+            load_dino(self.dino_model),
+            load_clip(self.clip_model, self.clip_pretrained),
+            references,
+            datamodule.hparams.identifier,
+            pres=self.pres and bool(datamodule.hparams.pres_prompt),
+            div=self.div_distance if self.div else None,
+        ).to(pl_module.device)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
+        if self.scorer is not None:
+            self.scorer.reset()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if not self.metrics or not outputs:
+        if self.scorer is None or not outputs:
             return
-        images = outputs["images"].to(pl_module.device)  # (N, 3, H, W) in [0, 1]
-        is_class = torch.tensor(outputs["is_class_prompt"], dtype=torch.bool, device=images.device)  # (N,)
-        subject = images[~is_class]
-        scores: dict[str, torch.Tensor] = {}
-        if len(subject):
-            prompts = [
-                strip_identifier(p, self.identifier)
-                for p, c in zip(outputs["prompts"], outputs["is_class_prompt"], strict=True)
-                if not c
-            ]
-            for name in ("val/dino", "val/clip_i"):
-                self.metrics[name].update(subject)
-            self.metrics["val/clip_t"].update(subject, prompts)
-            if "val/div" in self.metrics:
-                ids = torch.tensor(outputs["prompt_index"], device=images.device)[~is_class]
-                self.metrics["val/div"].update(subject, ids)
-            for name in ("val/dino", "val/clip_i", "val/clip_t"):
-                per_image = torch.full((len(images),), float("nan"))
-                per_image[~is_class.cpu()] = self.metrics[name].last_per_image.float().cpu()
-                scores[name.removeprefix("val/")] = per_image
-        if is_class.any() and "val/pres" in self.metrics:
-            self.metrics["val/pres"].update(images[is_class])
-        outputs["scores"] = scores  # per-image scores for the grid callback's table
+        scores = self.scorer.update(
+            outputs["images"], outputs["prompts"], outputs["prompt_index"], outputs["is_class_prompt"]
+        )
+        outputs["scores"] = {k: v for k, v in scores.items() if k in PER_IMAGE}  # for the grid callback's table
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.metrics:
+        if self.scorer is None:
             return
-        values = {name: metric.compute().float() for name, metric in self.metrics.items()}  # synchronized
+        values = {f"val/{name}": torch.tensor(v) for name, v in self.scorer.compute().items()}  # synchronized
         # Logged directly at the optimizer step the renders were made after (0 = the base model, before training),
         # the step of the grid too; Lightning's own logging would drop the pre-training baseline.
         if trainer.is_global_zero:

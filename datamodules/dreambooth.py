@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.class_images import generate_class_images
 from datamodules.datasets import DreamBoothDataset, collate_dreambooth
+from datamodules.evaluation import (
+    DREAMBENCH,
+    EvalPromptDataset,
+    EvalSubject,
+    collate_eval,
+    dreambench_subjects,
+    subject_templates,
+)
 from datamodules.images import check_image_folder, check_images, list_images
+from datamodules.predict import collate_predict, load_control_image, read_prompts_file
 from datamodules.prompt_checks import missing_identifier_message
 from datamodules.prompts import resolve_templates
 from datamodules.resumable import resumable_train_loader
@@ -83,9 +94,24 @@ class DreamBoothDataModule(pl.LightningDataModule):
             identifier in the instance prompt ("a photo of sks dog" -> "dog").
         pres_prompt: Template of the bare class prompt rendered for PRES (prior preservation), e.g. ``"a
             {class_noun}"``; null to skip it.
-        validation_batch_size: Prompts rendered per validation step.
+        validation_batch_size: Prompts rendered per step (validation, ``predict`` and ``test``).
         validation_seed: Base seed of the validation renders: prompt ``i``, image ``j`` use seed
             ``(validation_seed + i) * 1000 + j``, the same at every validation.
+        predict_prompts: Prompts that ``predict`` renders (templates: ``{identifier}`` and ``{class_noun}`` are filled
+            in, as in validation); null renders ``predict_prompts_file`` or else the validation prompts.
+        predict_prompts_file: A text file with one prompt per line (``#`` starts a comment line), instead of
+            ``predict_prompts``.
+        predict_seed: Base seed of ``predict``: prompt ``i``, image ``j`` use seed ``(predict_seed + i) * 1000 + j``.
+        control_image: Condition image for ``model.controlnet`` (e.g. an OpenPose skeleton), used for every prompt
+            that ``predict`` renders.
+        eval_data_dir: ``test`` on every subject of a DreamBench-layout folder (a folder of images per subject and
+            ``prompts_and_classes.txt``); null evaluates the run's own subject (``instance_data_dir``).
+        eval_subjects: With ``eval_data_dir``: the subjects (folder names) to evaluate; null for all that have a folder.
+        eval_prompts: ``test`` prompts: ``dreambench`` (the 25 DreamBench prompts, live-subject list for cats and
+            dogs, object list otherwise), a built-in set name, or a list of templates.
+        eval_num_prompts: Evaluate only the first N prompts of each subject (a quick look); null for all.
+        eval_num_images: Images per prompt in ``test`` (4 in the protocol).
+        eval_seed: Base seed of the ``test`` renders, as ``validation_seed``.
     """
 
     def __init__(
@@ -115,10 +141,27 @@ class DreamBoothDataModule(pl.LightningDataModule):
         pres_prompt: str | None = "a {class_noun}",
         validation_batch_size: int = 4,
         validation_seed: int = 0,
+        predict_prompts: list[str] | None = None,
+        predict_prompts_file: str | None = None,
+        predict_seed: int = 0,
+        control_image: str | None = None,
+        eval_data_dir: str | None = None,
+        eval_subjects: list[str] | None = None,
+        eval_prompts: str | list[str] = DREAMBENCH,
+        eval_num_prompts: int | None = None,
+        eval_num_images: int = 4,
+        eval_seed: int = 0,
     ) -> None:
         super().__init__()
         self.validation_templates = resolve_templates(validation_prompts, "data.validation_prompts")
         resolve_templates([pres_prompt] if pres_prompt else [], "data.pres_prompt")
+        if predict_prompts is not None and predict_prompts_file is not None:
+            raise ValueError("Give data.predict_prompts or data.predict_prompts_file, not both.")
+        resolve_templates(predict_prompts or [], "data.predict_prompts")
+        if eval_prompts != DREAMBENCH:
+            resolve_templates(eval_prompts, "data.eval_prompts")
+        if eval_num_images <= 0 or (eval_num_prompts is not None and eval_num_prompts <= 0):
+            raise ValueError("data.eval_num_images and data.eval_num_prompts must be positive.")
         if not instance_prompt.strip():
             raise ValueError("data.instance_prompt is empty: give the subject's caption, e.g. 'a photo of sks dog'.")
         if resolution <= 0 or resolution % 8:
@@ -151,12 +194,19 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.train_dataset: DreamBoothDataset | None = None  # built in setup("fit")
         self.val_dataset: ValidationPromptDataset | None = None  # built in setup("fit" / "validate")
+        self.predict_dataset: ValidationPromptDataset | None = None  # built in setup("predict")
+        self.control: Tensor | None = None  # (1, 3, H, W) ControlNet condition, loaded in setup("predict")
+        self.test_subjects: list[EvalSubject] = []  # built in setup("test")
+        self.test_dataset: EvalPromptDataset | None = None
 
     def prepare_data(self) -> None:
-        """Check the subject's images and generate the missing class images (once per node, on local rank 0)."""
+        """Check the subject's images and, for ``fit``, generate the missing class images (once per node)."""
         hp = self.hparams
+        stage = self.trainer.state.fn if self.trainer is not None else "fit"
+        if stage == "predict" or (stage == "test" and hp.eval_data_dir):
+            return  # renders prompts, or evaluates other subjects: the run's images are not needed
         check_image_folder(hp.instance_data_dir, "data.instance_data_dir", min_side=hp.resolution)
-        if hp.with_prior_preservation:
+        if hp.with_prior_preservation and stage == "fit":
             Path(hp.class_data_dir).expanduser().mkdir(parents=True, exist_ok=True)
             generate_class_images(
                 hp.pretrained_model_name_or_path,
@@ -184,6 +234,35 @@ class DreamBoothDataModule(pl.LightningDataModule):
             self.val_dataset = ValidationPromptDataset(
                 self.validation_templates, hp.identifier, noun, hp.pres_prompt, hp.validation_seed
             )
+        if stage == "predict":
+            self.predict_dataset, self.control = self._build_predict_dataset()
+        if stage == "test":
+            self.test_subjects = self._eval_subjects()
+            self.test_dataset = EvalPromptDataset(
+                self.test_subjects, self.hparams.identifier, self.hparams.pres_prompt, self.hparams.eval_seed
+            )
+
+    def _build_predict_dataset(self) -> tuple[ValidationPromptDataset, Tensor | None]:
+        hp = self.hparams
+        if hp.predict_prompts_file:
+            templates = resolve_templates(read_prompts_file(hp.predict_prompts_file), "data.predict_prompts_file")
+        else:
+            templates = hp.predict_prompts or self.validation_templates
+        noun = validation_class_noun(templates, None, hp.identifier, hp.class_noun, hp.instance_prompt)
+        control = load_control_image(hp.control_image) if hp.control_image else None
+        return ValidationPromptDataset(templates, hp.identifier, noun, None, hp.predict_seed), control
+
+    def _eval_subjects(self) -> list[EvalSubject]:
+        """The subjects ``test`` evaluates: those of ``eval_data_dir``, or the run's own."""
+        hp = self.hparams
+        if hp.eval_data_dir:
+            return dreambench_subjects(hp.eval_data_dir, hp.eval_prompts, hp.eval_subjects, hp.eval_num_prompts)
+        noun = validation_class_noun([], None, hp.identifier, hp.class_noun, hp.instance_prompt)
+        if not noun:
+            raise ValueError("test needs the subject's class noun: set data.class_noun (e.g. --data.class_noun dog).")
+        templates = subject_templates(noun, hp.eval_prompts, hp.eval_num_prompts)
+        folder = Path(hp.instance_data_dir).expanduser()
+        return [EvalSubject(folder.name, noun, folder, templates)]
 
     def reference_images(self) -> list[Path]:
         """The subject's real images, which validation renders are compared with (DINO, CLIP-I)."""
@@ -242,4 +321,26 @@ class DreamBoothDataModule(pl.LightningDataModule):
             batch_size=self.hparams.validation_batch_size,
             sampler=validation_sampler(self.val_dataset),
             collate_fn=collate_prompts,
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        """The prompts to render, with the condition image (Lightning spreads them across DDP ranks)."""
+        if self.predict_dataset is None:
+            raise RuntimeError("DreamBoothDataModule.predict_dataloader() needs setup('predict') first.")
+        return DataLoader(
+            self.predict_dataset,
+            batch_size=self.hparams.validation_batch_size,
+            sampler=validation_sampler(self.predict_dataset),
+            collate_fn=partial(collate_predict, control_image=self.control),
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        """Every subject's prompts (and class prompt), in order."""
+        if self.test_dataset is None:
+            raise RuntimeError("DreamBoothDataModule.test_dataloader() needs setup('test') first.")
+        return DataLoader(
+            self.test_dataset,
+            batch_size=self.hparams.validation_batch_size,
+            sampler=validation_sampler(self.test_dataset),
+            collate_fn=partial(collate_eval, num_images=self.hparams.eval_num_images),
         )

@@ -7,7 +7,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.batch import DreamBoothBatch
+from datamodules.evaluation import EvalBatch
+from datamodules.predict import PredictBatch
 from datamodules.validation import ValidationBatch
+from lightning_modules.controlnet import build_controlnet_pipeline, check_controlnet_fits, load_controlnet
 from lightning_modules.diffusion import (
     add_noise,
     diffusion_target,
@@ -16,7 +19,14 @@ from lightning_modules.diffusion import (
     encode_text,
     tokenize,
 )
-from lightning_modules.lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, inject_lora, lora_config
+from lightning_modules.lora import (
+    TEXT_ENCODER_TARGET_MODULES,
+    UNET_TARGET_MODULES,
+    inject_lora,
+    load_lora_file,
+    lora_config,
+    resolve_lora_file,
+)
 from lightning_modules.numerics import NanPolicy, NonFiniteLossError, check_finite_weights, non_finite_loss_message
 from lightning_modules.optim import OptimizerName, SchedulerName, build_lr_scheduler, build_optimizer, param_groups
 from lightning_modules.pipeline import build_pipeline
@@ -66,8 +76,14 @@ class DreamBoothModule(pl.LightningModule):
         gradient_checkpointing: Recompute activations in backward to save memory (UNet, and the text encoder when
             trained).
         resolution: Training resolution in pixels; the default render size. Linked from ``data.resolution``.
-        sampling: How validation (and ``predict``) renders images: images per prompt, guidance, steps, sampler,
-            size, negative prompt, LoRA scale.
+        sampling: How validation, ``predict`` and ``test`` render images: images per prompt, guidance, steps,
+            sampler, size, negative prompt, LoRA scales of the UNet and the text encoder.
+        lora_weights: A LoRA export to render and evaluate with (``validate`` / ``test`` / ``predict``), instead of
+            fresh adapters: the ``export`` folder that ``fit`` wrote, or its ``pytorch_lora_weights.safetensors``.
+            Rank, alpha and targets come from the file. (A full fine-tune's export is a base model:
+            ``--model.pretrained_model_name_or_path <export>/pipeline``.)
+        controlnet: A ControlNet that ``predict`` renders with (a hub id such as ``lllyasviel/sd-controlnet-openpose``,
+            a local folder, or ``builtin:tiny-controlnet``), conditioned on ``data.control_image``.
         nan_policy: What a NaN or infinite loss does: ``stop`` raises an error naming the step (the weights are left
             as they were before it), ``skip`` skips that optimizer step with a warning. Unlike the other model
             options, the value given when resuming with ``--ckpt_path`` applies (the others come from the checkpoint).
@@ -100,6 +116,8 @@ class DreamBoothModule(pl.LightningModule):
         resolution: int = 512,
         sampling: SamplingSettings = SamplingSettings(),
         nan_policy: NanPolicy = "stop",
+        lora_weights: str | None = None,
+        controlnet: str | None = None,
     ) -> None:
         super().__init__()
         if use_lora:  # fail at config time, before any weight loads
@@ -110,6 +128,8 @@ class DreamBoothModule(pl.LightningModule):
             raise ValueError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
         if nan_policy not in ("stop", "skip"):
             raise ValueError(f"model.nan_policy must be 'stop' or 'skip', got {nan_policy!r}.")
+        if lora_weights:
+            resolve_lora_file(lora_weights)  # a missing export fails here, before any weight loads
         # Not a saved hyperparameter: LightningCLI restores those from a checkpoint on resume, and this one must be
         # changeable then (a run stopped by a NaN resumes with nan_policy=skip).
         self.save_hyperparameters(ignore=["nan_policy"])
@@ -117,7 +137,8 @@ class DreamBoothModule(pl.LightningModule):
         # hparams hold a plain dict (for checkpoints and loggers); the module reads the typed settings.
         self.sampling = sampling if isinstance(sampling, SamplingSettings) else SamplingSettings(**sampling)
         self.parts: SDComponents | None = None  # loaded in configure_model
-        self._pipe = None  # a sampling pipeline around the live modules, built per validation run
+        self._pipe = None  # a sampling pipeline around the live modules, built per validation / test / predict run
+        self.controlnet = None  # loaded in configure_model when model.controlnet is set
         # Checkpoints hold only the trained weights, so loading one is partial by design (see on_load_checkpoint).
         self.strict_loading = False
         self._skip_optimizer_step = False  # set by a non-finite loss under nan_policy="skip"
@@ -132,7 +153,9 @@ class DreamBoothModule(pl.LightningModule):
         parts = load_components(hp.pretrained_model_name_or_path, hp.revision, hp.variant, hp.single_file_config)
         parts.vae.requires_grad_(False).eval()
         parts.text_encoder.requires_grad_(False)
-        if hp.use_lora:
+        if hp.lora_weights:  # trained adapters from an export, frozen: for rendering and evaluation
+            load_lora_file(parts.unet, parts.text_encoder, hp.lora_weights)
+        elif hp.use_lora:
             inject_lora(parts.unet, lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, self._unet_targets))
             if hp.train_text_encoder:
                 te_config = lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, self._te_targets)
@@ -146,10 +169,20 @@ class DreamBoothModule(pl.LightningModule):
             parts.unet.enable_gradient_checkpointing()
             if hp.train_text_encoder:
                 parts.text_encoder.gradient_checkpointing_enable()
+        if hp.controlnet:
+            self.controlnet = load_controlnet(hp.controlnet)
+            check_controlnet_fits(self.controlnet, parts.unet, hp.controlnet)
         self._cast_frozen(parts)
         self.parts = parts
         # Registered as submodules so Lightning moves them, wraps them (DDP) and sees their parameters.
         self.unet, self.text_encoder, self.vae = parts.unet, parts.text_encoder, parts.vae
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.lora_weights:
+            raise ValueError(
+                "model.lora_weights loads a finished export for validate / test / predict; fit trains fresh adapters. "
+                "To continue training a run, resume it with --ckpt_path <run dir>/checkpoints/last.ckpt."
+            )
 
     @property
     def _unet_targets(self) -> list[str]:
@@ -165,8 +198,8 @@ class DreamBoothModule(pl.LightningModule):
         dtype = FROZEN_DTYPES.get(precision)
         if dtype is None:
             return
-        for model in (parts.vae, parts.text_encoder, parts.unet):
-            for param in model.parameters():
+        for model in (parts.vae, parts.text_encoder, parts.unet, self.controlnet):
+            for param in model.parameters() if model is not None else []:
                 if not param.requires_grad:
                     param.data = param.data.to(dtype)
 
@@ -221,18 +254,55 @@ class DreamBoothModule(pl.LightningModule):
         if self.trainer.max_steps > 0 and self.trainer.global_step >= self.trainer.max_steps:
             self.trainer.should_stop = True
 
-    # ----------------------------------------------------------------------------------------------- validation
+    # ----------------------------------------------------------------------------------------------- rendering
     def on_validation_epoch_start(self) -> None:
         self._pipe = build_pipeline(self.parts, self.sampling.sampler)
 
     def validation_step(self, batch: ValidationBatch, batch_idx: int) -> dict:
         """Render ``num_images_per_prompt`` images per prompt with fixed seeds; callbacks grid and score them."""
-        s = self.sampling
-        n = s.num_images_per_prompt
+        return self._render_prompts(batch, self.sampling.num_images_per_prompt)
+
+    def on_validation_epoch_end(self) -> None:
+        self._pipe = None
+
+    def on_test_epoch_start(self) -> None:
+        self._pipe = build_pipeline(self.parts, self.sampling.sampler)
+
+    def test_step(self, batch: EvalBatch, batch_idx: int) -> dict:
+        """The evaluation protocol's renders: ``num_images`` per prompt, for the subject of each prompt."""
+        out = self._render_prompts(batch, batch["num_images"])
+        out["subject_index"] = batch["subject_index"].repeat_interleave(batch["num_images"]).tolist()
+        return out
+
+    def on_test_epoch_end(self) -> None:
+        self._pipe = None
+
+    def on_predict_epoch_start(self) -> None:
+        if self.controlnet is not None:
+            self._pipe = build_controlnet_pipeline(self.parts, self.controlnet, self.sampling.sampler)
+        else:
+            self._pipe = build_pipeline(self.parts, self.sampling.sampler)
+
+    def predict_step(self, batch: PredictBatch, batch_idx: int) -> dict:
+        """Render ``num_images_per_prompt`` images per prompt (with the ControlNet condition, if any)."""
+        control = batch["control_image"]
+        if (control is None) != (self.controlnet is None):
+            raise ValueError(
+                "model.controlnet and data.control_image go together: a ControlNet renders from a condition image "
+                f"(model.controlnet={self.hparams.controlnet!r}, data.control_image is "
+                f"{'not ' if control is None else ''}set)."
+            )
+        return self._render_prompts(batch, self.sampling.num_images_per_prompt, control)
+
+    def on_predict_epoch_end(self) -> None:
+        self._pipe = None
+
+    def _render_prompts(self, batch: ValidationBatch, n: int, control_image: torch.Tensor | None = None) -> dict:
+        """``n`` images per prompt of the batch, image ``j`` of a prompt seeded by the prompt's seed and ``j``."""
         prompts = [p for p in batch["prompts"] for _ in range(n)]  # (P * n,)
         seeds = [image_seed(int(ps), j) for ps in batch["prompt_seed"] for j in range(n)]
-        height, width = s.height or self.hparams.resolution, s.width or self.hparams.resolution
-        images = render(self._pipe, prompts, seeds, s, height, width)  # (P * n, 3, H, W) in [0, 1]
+        height, width = self.render_size()
+        images = render(self._pipe, prompts, seeds, self.sampling, height, width, control_image)  # (P*n, 3, H, W)
         return {
             "images": images.cpu(),
             "prompts": prompts,
@@ -242,8 +312,30 @@ class DreamBoothModule(pl.LightningModule):
             "is_class_prompt": batch["is_class_prompt"].repeat_interleave(n).tolist(),
         }
 
-    def on_validation_epoch_end(self) -> None:
-        self._pipe = None
+    def render_size(self) -> tuple[int, int]:
+        """(height, width) of renders: the sampling settings', else the training resolution."""
+        s = self.sampling
+        return s.height or self.hparams.resolution, s.width or self.hparams.resolution
+
+    def render_settings(self) -> dict:
+        """What renders were made with, for image metadata and reports (the resolved settings, not the options)."""
+        hp, s = self.hparams, self.sampling
+        height, width = self.render_size()
+        lora = hp.lora_weights is not None or hp.use_lora
+        return {
+            "base_model": hp.pretrained_model_name_or_path,
+            "lora_weights": hp.lora_weights,
+            "lora_scale": s.lora_scale if lora else None,
+            "lora_text_encoder_scale": s.text_encoder_scale if lora else None,
+            "controlnet": hp.controlnet,
+            "controlnet_conditioning_scale": s.controlnet_conditioning_scale if hp.controlnet else None,
+            "sampler": s.sampler,
+            "num_inference_steps": s.num_inference_steps,
+            "guidance_scale": s.guidance_scale,
+            "negative_prompt": s.negative_prompt,
+            "height": height,
+            "width": width,
+        }
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def trained_state_keys(self) -> set[str]:

@@ -1,6 +1,8 @@
-"""LoRA through peft, Lightning-free: inject, list trainable weights, and get what diffusers saves."""
+"""LoRA through peft, Lightning-free: inject, list trainable weights, get what diffusers saves, load it back."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -58,3 +60,56 @@ def lora_metadata(model: nn.Module) -> dict:
         "target_modules": sorted(config.target_modules),
         "lora_dropout": config.lora_dropout,
     }
+
+
+def resolve_lora_file(path: str | Path, option: str = "model.lora_weights") -> Path:
+    """An export folder (holding ``pytorch_lora_weights.safetensors``) or a LoRA ``.safetensors`` file -> the file.
+
+    Cheap (no loading), so it runs at config time. Raises FileNotFoundError naming ``option`` and the path.
+    """
+    from lightning_modules.export import LORA_WEIGHT_NAME, PIPELINE_DIRNAME  # export imports this module
+
+    path = Path(path).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{option}: {str(path)!r} is not a .safetensors LoRA file.")
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{option}: {str(path)!r} does not exist. Give the export folder that fit wrote (<run dir>/export) or its "
+            f"{LORA_WEIGHT_NAME}."
+        )
+    if (path / LORA_WEIGHT_NAME).is_file():
+        return path / LORA_WEIGHT_NAME
+    if (path / PIPELINE_DIRNAME / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{option}: {str(path)!r} holds a full fine-tune ({PIPELINE_DIRNAME}/), not LoRA weights: render it with "
+            f"--model.pretrained_model_name_or_path {path / PIPELINE_DIRNAME} instead."
+        )
+    raise FileNotFoundError(f"{option}: the folder {str(path)!r} holds no {LORA_WEIGHT_NAME}.")
+
+
+def load_lora_file(unet: nn.Module, text_encoder: nn.Module, path: str | Path, adapter_name: str = "default") -> None:
+    """Load a diffusers LoRA file (as :func:`lora_state_dict` exports it) into the UNet and, when the file has
+    text-encoder weights, the text encoder, as peft adapters named ``adapter_name``, in place and frozen.
+
+    The adapters take their rank, alpha and targets from the file's header; under the name ``default`` their weights
+    have the keys of adapters that :func:`inject_lora` makes, so a Lightning checkpoint of the same run loads on top.
+    """
+    from diffusers import StableDiffusionPipeline  # the pipeline class knows the SD 1.x LoRA layout
+
+    path = resolve_lora_file(path)
+    state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+    if not any(k.startswith("unet.") for k in state_dict):
+        raise ValueError(f"model.lora_weights: {str(path)!r} holds no UNet LoRA weights (keys 'unet.*').")
+    kw = {"adapter_name": adapter_name, "metadata": metadata}
+    StableDiffusionPipeline.load_lora_into_unet(state_dict, network_alphas, unet, **kw)
+    if any(k.startswith("text_encoder.") for k in state_dict):
+        StableDiffusionPipeline.load_lora_into_text_encoder(
+            state_dict, network_alphas, text_encoder, prefix="text_encoder", **kw
+        )
+    for model in (unet, text_encoder):
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(False)
+                param.data = param.data.float()

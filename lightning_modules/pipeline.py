@@ -27,7 +27,9 @@ def make_sampler(name: str, scheduler_config: dict):
     """An inference scheduler built from the model's own noise-scheduler config."""
     if name not in SAMPLERS:
         raise ValueError(f"Unknown sampler {name!r}: choose one of {sorted(SAMPLERS)}.")
-    return SAMPLERS[name].from_config(scheduler_config)
+    # DDIM as StableDiffusionPipeline sets it up for SD 1.x configs (it patches clip_sample; other pipelines do not).
+    overrides = {"clip_sample": False} if name == "ddim" else {}
+    return SAMPLERS[name].from_config(scheduler_config, **overrides)
 
 
 def build_pipeline(parts: SDComponents, sampler: str = "dpm++") -> StableDiffusionPipeline:

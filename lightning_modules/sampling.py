@@ -23,7 +23,12 @@ class SamplingSettings:
         height: Image height in pixels (a multiple of 8); defaults to the training resolution.
         width: Image width in pixels (a multiple of 8); defaults to the training resolution.
         sampler: ``dpm++`` (DPM-Solver++ multistep), ``ddim``, ``euler_a`` (Euler ancestral) or ``pndm``.
-        lora_scale: Strength of the LoRA update when rendering (0 renders the base model).
+        lora_scale: Strength of the UNet's LoRA update when rendering (0 renders the base UNet). Also the text
+            encoder's, unless ``lora_text_encoder_scale`` is set.
+        lora_text_encoder_scale: Strength of the text encoder's LoRA update; null uses ``lora_scale``. Both at 0
+            render the base model.
+        controlnet_conditioning_scale: Weight of the ControlNet residuals (with ``model.controlnet``; 0 ignores the
+            condition image).
     """
 
     num_images_per_prompt: int = 2
@@ -34,6 +39,13 @@ class SamplingSettings:
     width: int | None = None
     sampler: SamplerName = "dpm++"
     lora_scale: float = 1.0
+    lora_text_encoder_scale: float | None = None
+    controlnet_conditioning_scale: float = 1.0
+
+    @property
+    def text_encoder_scale(self) -> float:
+        """The text encoder's LoRA scale: its own when set, else the UNet's."""
+        return self.lora_scale if self.lora_text_encoder_scale is None else self.lora_text_encoder_scale
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -59,17 +71,33 @@ def render(
     settings: SamplingSettings,
     height: int,
     width: int,
+    control_image: Tensor | None = None,
 ) -> Tensor:
     """Render one image per (prompt, seed) -> (N, 3, height, width) float in [0, 1].
 
     Each image's starting noise comes from its own CPU generator, so an image does not depend on the batch it is
     rendered in, on the device, or on the number of ranks.
+
+    The pipeline would give the text encoder the UNet's LoRA scale (``cross_attention_kwargs["scale"]`` is passed on
+    to ``encode_prompt``), so the prompts are encoded here with the text encoder's own scale and handed over as
+    embeddings; the UNet's scale still goes through ``cross_attention_kwargs``.
+
+    Args:
+        control_image: (1, 3, H', W') float in [0, 1], the ControlNet condition of every image; needs a ControlNet
+            pipeline (resized to ``height`` x ``width`` by it).
     """
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     negative = [settings.negative_prompt] * len(prompts) if settings.negative_prompt else None
+    guided = settings.guidance_scale > 1
+    prompt_embeds, negative_embeds = pipe.encode_prompt(
+        prompts, pipe._execution_device, 1, guided, negative, lora_scale=settings.text_encoder_scale
+    )  # (N, 77, D) each; negative is None without guidance
+    control = {}
+    if control_image is not None:
+        control = {"image": control_image, "controlnet_conditioning_scale": settings.controlnet_conditioning_scale}
     out = pipe(
-        prompt=prompts,
-        negative_prompt=negative,
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_embeds,
         guidance_scale=settings.guidance_scale,
         num_inference_steps=settings.num_inference_steps,
         height=height,
@@ -77,5 +105,6 @@ def render(
         generator=generators,
         output_type="pt",
         cross_attention_kwargs={"scale": settings.lora_scale},
+        **control,
     )
     return out.images.float().clamp(0, 1)  # (N, 3, H, W)

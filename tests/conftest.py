@@ -71,3 +71,35 @@ def tiny_single_file(tmp_path_factory) -> Path:
     return save_single_file(
         load_pipeline("builtin:tiny-sd"), tmp_path_factory.mktemp("single_file") / "tiny.safetensors"
     )
+
+
+@pytest.fixture(scope="session")
+def lora_export(tmp_path_factory, toy_subject_dir, class_images_dir) -> Path:
+    """A LoRA run (UNet + text encoder) of 2 steps at a high learning rate, so that its adapters visibly change renders;
+    no validation. Returns its run directory: ``export/`` and ``checkpoints/last.ckpt`` inside. Made once per session."""
+    from callbacks.run_dir import run_dir
+    from train import cli_main
+
+    tmp = tmp_path_factory.mktemp("lora_run")
+    class_dir = tmp / "class"
+    shutil.copytree(class_images_dir, class_dir)
+    cli = cli_main(
+        [
+            "fit",
+            "--config", str(ROOT / "configs" / "demo.yaml"),
+            "--trainer.max_steps", "2",
+            "--trainer.default_root_dir", str(tmp / "runs"),
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir", str(tmp / "runs"),
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.num_sanity_val_steps", "0",
+            "--trainer.limit_val_batches", "0",
+            "--metrics.enabled", "false",
+            "--model.learning_rate", "0.05",
+            "--model.text_encoder_lr", "0.05",
+            "--data.instance_data_dir", str(toy_subject_dir),
+            "--data.class_data_dir", str(class_dir),
+            "--data.num_class_images", "4",
+        ]
+    )  # fmt: skip
+    return run_dir(cli.trainer)

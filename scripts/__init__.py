@@ -1,0 +1,1 @@
+"""Command-line tools beside train.py, run from the repository root: ``python -m scripts.<name>``."""
