@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.export import DreamBoothExport
@@ -15,6 +17,8 @@ class DreamBoothCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for name in ("pretrained_model_name_or_path", "revision", "variant"):
             parser.link_arguments(f"model.{name}", f"data.{name}")
+        # A frozen text encoder's embeddings are cached by the data module; a trained one encodes every step.
+        parser.link_arguments("model.train_text_encoder", "data.cache_text_embeddings", compute_fn=operator.not_)
         parser.add_lightning_class_args(DreamBoothExport, "export")
 
 

@@ -6,8 +6,10 @@ import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from datamodules.cached_dataset import CachedLatentDataset, WithTextEmbeddings, collate_latents
+from datamodules.caches import latent_cache, text_embedding_cache
 from datamodules.class_images import generate_class_images
 from datamodules.datasets import DreamBoothDataset, collate_dreambooth
 from datamodules.images import check_image_folder, check_images, list_images
@@ -43,6 +45,16 @@ class DreamBoothDataModule(pl.LightningDataModule):
         class_images_inference_steps: Sampler (DPM-Solver++) steps per generated class image.
         class_images_guidance_scale: Classifier-free guidance scale of the generated class images.
         seed: Seed of the generated class images (image ``i`` uses ``seed + i``).
+        cache_latents: Encode every image with the frozen VAE once before training, batched, and train on the
+            cached latent distribution (sampled each step: the same training signal as encoding each step); the VAE
+            is then never loaded for training. Needs ``center_crop`` (a random crop changes the pixels each epoch,
+            so it turns the cache off, with a log line); a random flip is cached both ways.
+        cache_text_embeddings: Encode each prompt once with the frozen text encoder before training, which then
+            is never loaded for training. Set by the CLI from ``model.train_text_encoder`` (on when it is false).
+        cache_dir: Folder of the latent and text-embedding caches; defaults to ``$DREAMBOOTH_CACHE/data``
+            (``~/.cache/dreambooth_lightning/data``). A cache is keyed by everything its content depends on (image
+            bytes, resolution, crop, flip, base model, revision, variant, VAE / text encoder), so a change
+            rebuilds it.
     """
 
     def __init__(
@@ -65,6 +77,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
         class_images_inference_steps: int = 25,
         class_images_guidance_scale: float = 7.5,
         seed: int = 0,
+        cache_latents: bool = True,
+        cache_text_embeddings: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if not instance_prompt.strip():
@@ -101,10 +116,11 @@ class DreamBoothDataModule(pl.LightningDataModule):
                     instance_prompt,
                 )
         self.save_hyperparameters()
-        self.train_dataset: DreamBoothDataset | None = None  # built in setup("fit")
+        self.train_dataset: Dataset | None = None  # built in setup("fit"): images, or their cached latents
+        self._collate = collate_dreambooth
 
     def prepare_data(self) -> None:
-        """Check the subject's images and generate the missing class images (once per node, on local rank 0)."""
+        """Check the images, generate the missing class images, build the caches (once per node, local rank 0)."""
         hp = self.hparams
         check_image_folder(hp.instance_data_dir, "data.instance_data_dir")
         if hp.with_prior_preservation:
@@ -122,10 +138,11 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 revision=hp.revision,
                 variant=hp.variant,
             )
+        self._build_caches()
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            self.train_dataset = self._build_train_dataset()
+            self.train_dataset, self._collate = self._with_cached_inputs(self._build_train_dataset(), announce=True)
         # Validation prompts (templated with identifier and class) will get their own dataset here.
 
     def _class_images(self) -> list[Path]:
@@ -156,6 +173,26 @@ class DreamBoothDataModule(pl.LightningDataModule):
             random_flip=hp.random_flip,
         )
 
+    def _build_caches(self) -> None:
+        """Build the missing latent / text-embedding caches (setup() then reads them on every rank)."""
+        self._with_cached_inputs(self._build_train_dataset())
+
+    def _with_cached_inputs(self, dataset: DreamBoothDataset, announce: bool = False):
+        """The dataset and collate function training reads: cached latents and text embeddings where they apply."""
+        hp = self.hparams
+        model = (hp.pretrained_model_name_or_path, hp.revision, hp.variant)
+        data, collate = dataset, collate_dreambooth
+        if hp.cache_latents and not hp.center_crop and announce:
+            log.info("data.center_crop is false: random crops change the pixels, so latents are encoded every step.")
+        if hp.cache_latents and hp.center_crop:
+            images = dataset.instance_images + (dataset.class_images or [])
+            table = latent_cache(images, hp.resolution, hp.random_flip, *model, cache_dir=hp.cache_dir)
+            data, collate = CachedLatentDataset(dataset, table), collate_latents
+        if hp.cache_text_embeddings:
+            prompts = [dataset.instance_prompt] + ([dataset.class_prompt] if dataset.class_images else [])
+            collate = WithTextEmbeddings(collate, text_embedding_cache(prompts, *model, cache_dir=hp.cache_dir))
+        return data, collate
+
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("DreamBoothDataModule.train_dataloader() needs setup('fit') first.")
@@ -163,7 +200,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             self.train_dataset,
             batch_size=self.hparams.batch_size,
             shuffle=True,
-            collate_fn=collate_dreambooth,
+            collate_fn=self._collate,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             drop_last=False,

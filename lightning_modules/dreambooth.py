@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+from typing import Literal
+
 import lightning.pytorch as pl
 import torch
+from torch import nn
 
 from datamodules.batch import DreamBoothBatch
 from lightning_modules.diffusion import (
@@ -12,11 +16,12 @@ from lightning_modules.diffusion import (
     dreambooth_loss,
     encode_latents,
     encode_text,
+    sample_latents,
     tokenize,
 )
 from lightning_modules.lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, inject_lora, lora_config
 from lightning_modules.optim import OptimizerName, SchedulerName, build_lr_scheduler, build_optimizer, param_groups
-from lightning_modules.sd_loading import SDComponents, load_components
+from lightning_modules.sd_loading import SDComponents, load_components, load_part
 
 # Lightning precision setting -> dtype in which the frozen modules are held and run.
 FROZEN_DTYPES = {
@@ -90,6 +95,9 @@ class DreamBoothModule(pl.LightningModule):
             raise ValueError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
         self.save_hyperparameters()
         self.parts: SDComponents | None = None  # loaded in configure_model
+        # The VAE and a frozen text encoder are loaded on first use (see frozen()); None until then.
+        self.unet = self.text_encoder = self.vae = None
+        self._parked: dict[str, nn.Module] = {}  # frozen parts moved off an accelerator by release_frozen()
         # Checkpoints hold only the trained weights, so loading one is partial by design (see on_load_checkpoint).
         self.strict_loading = False
 
@@ -99,9 +107,14 @@ class DreamBoothModule(pl.LightningModule):
         if self.parts is not None:
             return
         hp = self.hparams
-        parts = load_components(hp.pretrained_model_name_or_path, hp.revision, hp.variant)
-        parts.vae.requires_grad_(False).eval()
-        parts.text_encoder.requires_grad_(False)
+        # The VAE and a frozen text encoder load on first use: with cached inputs, never during training.
+        parts = load_components(
+            hp.pretrained_model_name_or_path,
+            hp.revision,
+            hp.variant,
+            with_vae=False,
+            with_text_encoder=hp.train_text_encoder,
+        )
         if hp.use_lora:
             inject_lora(parts.unet, lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, self._unet_targets))
             if hp.train_text_encoder:
@@ -109,17 +122,57 @@ class DreamBoothModule(pl.LightningModule):
                 inject_lora(parts.text_encoder, te_config)
         else:
             parts.unet.requires_grad_(True)
-            parts.text_encoder.requires_grad_(hp.train_text_encoder)
-        if not hp.train_text_encoder:
-            parts.text_encoder.eval()
+            if hp.train_text_encoder:
+                parts.text_encoder.requires_grad_(True)
         if hp.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
             if hp.train_text_encoder:
                 parts.text_encoder.gradient_checkpointing_enable()
-        self._cast_frozen(parts)
+        self._cast_frozen(parts.unet, parts.text_encoder)
         self.parts = parts
         # Registered as submodules so Lightning moves them, wraps them (DDP) and sees their parameters.
-        self.unet, self.text_encoder, self.vae = parts.unet, parts.text_encoder, parts.vae
+        self.unet, self.text_encoder = parts.unet, parts.text_encoder
+
+    def frozen(self, name: Literal["vae", "text_encoder"]) -> nn.Module:
+        """The VAE or the text encoder, loaded (in the frozen dtype, on this module's device) if it is not.
+
+        Training needs them only for batches without cached latents / text embeddings; sampling needs them.
+        """
+        module = getattr(self, name)
+        if module is None:
+            module = self._parked.pop(name, None)
+            if module is None:
+                hp = self.hparams
+                module = load_part(hp.pretrained_model_name_or_path, name, hp.revision, hp.variant)
+                module.requires_grad_(False).eval()
+                self._cast_frozen(module)
+            module.to(self.device)
+            setattr(self, name, module)
+            setattr(self.parts, name, module)
+        return module
+
+    def sampling_parts(self) -> SDComponents:
+        """All the parts, the frozen ones loaded: what a sampling pipeline (``build_pipeline``) needs."""
+        self.frozen("vae")
+        self.frozen("text_encoder")
+        return self.parts
+
+    def release_frozen(self) -> None:
+        """Free the training device of the frozen VAE and text encoder: moved to the CPU (for a quick reuse by
+        :meth:`frozen`) when training on an accelerator, dropped when training on the CPU."""
+        names = ["vae"] + ([] if self.hparams.train_text_encoder else ["text_encoder"])
+        for name in names:
+            module = getattr(self, name)
+            if module is None:
+                continue
+            setattr(self, name, None)
+            setattr(self.parts, name, None)
+            if self.device.type != "cpu":
+                self._parked[name] = module.to("cpu")
+            del module
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @property
     def _unet_targets(self) -> list[str]:
@@ -129,34 +182,53 @@ class DreamBoothModule(pl.LightningModule):
     def _te_targets(self) -> list[str]:
         return self.hparams.lora_text_encoder_target_modules or TEXT_ENCODER_TARGET_MODULES
 
-    def _cast_frozen(self, parts: SDComponents) -> None:
+    def _cast_frozen(self, *models: nn.Module | None) -> None:
         """Hold frozen weights in the compute dtype under mixed precision; trained weights stay float32."""
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
         dtype = FROZEN_DTYPES.get(precision)
         if dtype is None:
             return
-        for model in (parts.vae, parts.text_encoder, parts.unet):
-            for param in model.parameters():
+        for model in models:
+            for param in model.parameters() if model is not None else []:
                 if not param.requires_grad:
                     param.data = param.data.to(dtype)
 
     # ----------------------------------------------------------------------------------------------- training
     def training_step(self, batch: DreamBoothBatch, batch_idx: int) -> torch.Tensor:
-        parts = self.parts
-        latents = encode_latents(self.vae, batch["pixel_values"]).float()  # (B, 4, h, w)
+        parts, hp = self.parts, self.hparams
+        latents = self._latents(batch)  # (B, 4, h, w)
         noisy_latents, noise, timesteps = add_noise(parts.noise_scheduler, latents)
-        with torch.set_grad_enabled(self.hparams.train_text_encoder):
-            context = encode_text(self.text_encoder, tokenize(parts.tokenizer, batch["prompts"]))  # (B, 77, D)
+        context = self._text_context(batch)  # (B, 77, D)
         model_pred = self.unet(noisy_latents, timesteps, context).sample
         target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
-        terms = dreambooth_loss(model_pred, target, batch["is_prior"], self.hparams.prior_loss_weight)
-        bs = batch["pixel_values"].shape[0]
+        terms = dreambooth_loss(model_pred, target, batch["is_prior"], hp.prior_loss_weight)
+        bs = batch["is_prior"].shape[0]
         self.log("train/loss", terms.loss, prog_bar=True, batch_size=bs)
         self.log("train/loss_instance", terms.instance, batch_size=bs)
         self.log("train/loss_prior", terms.prior, batch_size=bs)
         for group in self.optimizers().param_groups if self._trainer is not None else []:
             self.log(f"train/lr_{group['name']}", group["lr"], batch_size=bs)
         return terms.loss
+
+    def _latents(self, batch: DreamBoothBatch) -> torch.Tensor:
+        """(B, 4, h, w) latents: sampled from the cached distribution, or encoded by the VAE."""
+        if "latent_mean" in batch:
+            return sample_latents(batch["latent_mean"], batch["latent_std"])
+        return encode_latents(self.frozen("vae"), batch["pixel_values"]).float()
+
+    def _text_context(self, batch: DreamBoothBatch) -> torch.Tensor:
+        """(B, 77, D) text embeddings: cached ones, or the text encoder's (with grad when it trains)."""
+        train_te = self.hparams.train_text_encoder
+        if "prompt_embeds" in batch:
+            if train_te:
+                raise ValueError(
+                    "The batch carries cached text embeddings, but model.train_text_encoder is true: the text encoder "
+                    "would get no gradient. Set data.cache_text_embeddings false (the CLI links it)."
+                )
+            return batch["prompt_embeds"]
+        text_encoder = self.text_encoder if train_te else self.frozen("text_encoder")
+        with torch.set_grad_enabled(train_te):
+            return encode_text(text_encoder, tokenize(self.parts.tokenizer, batch["prompts"]))
 
     def configure_optimizers(self):
         hp = self.hparams

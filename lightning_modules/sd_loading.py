@@ -22,8 +22,8 @@ class SDComponents:
     """The pieces of Stable Diffusion that training drives."""
 
     tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    vae: AutoencoderKL
+    text_encoder: CLIPTextModel | None  # None while a frozen text encoder is not loaded (cached text embeddings)
+    vae: AutoencoderKL | None  # None while not loaded (cached latents)
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
 
@@ -46,18 +46,50 @@ def check_model_path(pretrained_model_name_or_path: str) -> str:
     return path
 
 
-def load_components(
-    pretrained_model_name_or_path: str, revision: str | None = None, variant: str | None = None
-) -> SDComponents:
-    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler, all in float32."""
+# The loadable parts: name -> (class, subfolder).
+PART_CLASSES = {
+    "tokenizer": CLIPTokenizer,
+    "text_encoder": CLIPTextModel,
+    "vae": AutoencoderKL,
+    "unet": UNet2DConditionModel,
+    "noise_scheduler": DDPMScheduler,
+}
+PART_SUBFOLDERS = {"noise_scheduler": "scheduler"}
+WEIGHTED_PARTS = ("text_encoder", "vae", "unet")  # the parts with weight files (and a ``variant``)
+
+
+def load_part(pretrained_model_name_or_path: str, part: str, revision: str | None = None, variant: str | None = None):
+    """Load one part (``tokenizer``, ``text_encoder``, ``vae``, ``unet`` or ``noise_scheduler``), in float32."""
     path = check_model_path(pretrained_model_name_or_path)
-    kw = {"revision": revision}
+    kw = {"subfolder": PART_SUBFOLDERS.get(part, part), "revision": revision}
+    if part in WEIGHTED_PARTS:
+        kw["variant"] = variant
+    return PART_CLASSES[part].from_pretrained(path, **kw)
+
+
+def load_components(
+    pretrained_model_name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    with_vae: bool = True,
+    with_text_encoder: bool = True,
+) -> SDComponents:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler, all in float32.
+
+    ``with_vae`` / ``with_text_encoder`` false leave those parts ``None`` (not loaded), for training on cached
+    latents / text embeddings.
+    """
+    check_model_path(pretrained_model_name_or_path)  # fail early, before any part loads
+
+    def load(part: str):
+        return load_part(pretrained_model_name_or_path, part, revision, variant)
+
     return SDComponents(
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw),
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        tokenizer=load("tokenizer"),
+        text_encoder=load("text_encoder") if with_text_encoder else None,
+        vae=load("vae") if with_vae else None,
+        unet=load("unet"),
+        noise_scheduler=load("noise_scheduler"),
     )
 
 

@@ -43,6 +43,8 @@ def test_fit_lora_exports_a_file_diffusers_loads(run_args, train_text_encoder):
     assert any(k.startswith("unet.") for k in weights)
     assert any(k.startswith("text_encoder.") for k in weights) == train_text_encoder
     assert (Path(cli.trainer.log_dir) / "config.yaml").is_file()
+    # Trained on cached latents (and text embeddings when the text encoder is frozen): those were never loaded.
+    assert cli.model.vae is None and (cli.model.text_encoder is None) == (not train_text_encoder)
 
     base = _render(_base_pipe())
     pipe = _base_pipe()
