@@ -19,7 +19,9 @@ from lightning_modules.diffusion import (
     sample_latents,
     tokenize,
 )
+from lightning_modules.fused_optim import OptimizerInBackward, fused_backward_conflicts
 from lightning_modules.lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, inject_lora, lora_config
+from lightning_modules.memory import AttentionName, apply_unet_savers, to_memory_format
 from lightning_modules.optim import OptimizerName, SchedulerName, build_lr_scheduler, build_optimizer, param_groups
 from lightning_modules.sd_loading import SDComponents, load_components, load_part
 
@@ -60,6 +62,17 @@ class DreamBoothModule(pl.LightningModule):
         prior_loss_weight: Weight of the prior-preservation (class rows) term; 0 gives plain fine-tuning.
         gradient_checkpointing: Recompute activations in backward to save memory (UNet, and the text encoder when
             trained).
+        attention: Attention kernel of the UNet: ``sdpa`` (torch's scaled_dot_product_attention, with flash /
+            memory-efficient kernels where the device has them) or ``eager`` (matmul-softmax-matmul, which holds the
+            whole attention matrix; for comparison).
+        channels_last: Hold the UNet's conv weights and inputs as NHWC, which tensor-core GPUs and oneDNN CPUs run
+            faster.
+        compile_unet: Compile the UNet's forward with ``torch.compile`` (in place: names and checkpoints unchanged).
+            The first steps are slow while it compiles.
+        fused_backward: Full fine-tuning only: update each weight inside backward as soon as its gradient is ready,
+            then free that gradient, so all gradients never exist at once (saves one float32 copy of the trained
+            weights). Needs ``trainer.accumulate_grad_batches`` 1, no ``gradient_clip_val``, no ``16-mixed``, one
+            process; refused otherwise.
     """
 
     def __init__(
@@ -85,6 +98,10 @@ class DreamBoothModule(pl.LightningModule):
         lr_warmup_steps: int = 0,
         prior_loss_weight: float = 1.0,
         gradient_checkpointing: bool = False,
+        attention: AttentionName = "sdpa",
+        channels_last: bool = False,
+        compile_unet: bool = False,
+        fused_backward: bool = False,
     ) -> None:
         super().__init__()
         if use_lora:  # fail at config time, before any weight loads
@@ -93,6 +110,12 @@ class DreamBoothModule(pl.LightningModule):
             raise ValueError("model.learning_rate and model.text_encoder_lr must be positive.")
         if prior_loss_weight < 0:
             raise ValueError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
+        if fused_backward and use_lora:
+            raise ValueError(
+                "model.fused_backward is for full fine-tuning (model.use_lora false); LoRA's gradients are small."
+            )
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(f"Unknown model.attention {attention!r}: choose 'sdpa' or 'eager'.")
         self.save_hyperparameters()
         self.parts: SDComponents | None = None  # loaded in configure_model
         # The VAE and a frozen text encoder are loaded on first use (see frozen()); None until then.
@@ -128,6 +151,7 @@ class DreamBoothModule(pl.LightningModule):
             parts.unet.enable_gradient_checkpointing()
             if hp.train_text_encoder:
                 parts.text_encoder.gradient_checkpointing_enable()
+        apply_unet_savers(parts.unet, hp.attention, hp.channels_last, hp.compile_unet)
         self._cast_frozen(parts.unet, parts.text_encoder)
         self.parts = parts
         # Registered as submodules so Lightning moves them, wraps them (DDP) and sees their parameters.
@@ -199,7 +223,7 @@ class DreamBoothModule(pl.LightningModule):
         latents = self._latents(batch)  # (B, 4, h, w)
         noisy_latents, noise, timesteps = add_noise(parts.noise_scheduler, latents)
         context = self._text_context(batch)  # (B, 77, D)
-        model_pred = self.unet(noisy_latents, timesteps, context).sample
+        model_pred = self.unet(to_memory_format(noisy_latents, hp.channels_last), timesteps, context).sample
         target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
         terms = dreambooth_loss(model_pred, target, batch["is_prior"], hp.prior_loss_weight)
         bs = batch["is_prior"].shape[0]
@@ -234,7 +258,18 @@ class DreamBoothModule(pl.LightningModule):
         hp = self.hparams
         groups = param_groups(self.unet, self.text_encoder, hp.learning_rate, hp.text_encoder_lr)
         betas = (hp.adam_beta1, hp.adam_beta2)
-        optimizer = build_optimizer(hp.optimizer, groups, betas, hp.adam_weight_decay, hp.adam_epsilon)
+        if hp.fused_backward:
+            t = self.trainer
+            conflicts = fused_backward_conflicts(
+                t.accumulate_grad_batches, t.gradient_clip_val, str(t.precision), t.world_size
+            )
+            if conflicts:
+                raise ValueError(f"model.fused_backward cannot be combined with: {'; '.join(conflicts)}.")
+            optimizer = OptimizerInBackward(
+                groups, lambda g: build_optimizer(hp.optimizer, g, betas, hp.adam_weight_decay, hp.adam_epsilon)
+            )
+        else:
+            optimizer = build_optimizer(hp.optimizer, groups, betas, hp.adam_weight_decay, hp.adam_epsilon)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = build_lr_scheduler(hp.lr_scheduler, optimizer, hp.lr_warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

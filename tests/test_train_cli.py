@@ -111,3 +111,24 @@ def test_train_py_runs_as_a_script(run_args):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Exported trained weights to" in result.stdout + result.stderr
+
+
+def test_fused_backward_full_fine_tuning_trains_and_resumes(run_args):
+    args = run_args("--model.use_lora=false", "--model.fused_backward=true", "--model.optimizer=adamw8bit", steps=2)
+    cli = cli_main([*args, "--trainer.callbacks.init_args.every_n_train_steps=2"])
+    assert cli.trainer.global_step == 2
+    ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["optimizer_states"][0]
+    assert len(saved["state"]) == sum(p.requires_grad for p in cli.model.parameters())
+    resumed = cli_main(
+        run_args("--model.use_lora=false", "--model.fused_backward=true", "--model.optimizer=adamw8bit", steps=3)
+        + ["--trainer.callbacks+=tests.helpers.RecordStart", "--ckpt_path", str(ckpt)]
+    )
+    record = next(cb for cb in resumed.trainer.callbacks if type(cb).__name__ == "RecordStart")
+    assert record.global_step == 2 and record.optimizer_step == float(saved["state"][0]["step"]) == 2
+    assert resumed.trainer.global_step == 3
+
+
+def test_fused_backward_refuses_gradient_clipping(run_args):
+    with pytest.raises(ValueError, match="fused_backward cannot be combined with: trainer.gradient_clip_val"):
+        cli_main(run_args("--model.use_lora=false", "--model.fused_backward=true", "--trainer.gradient_clip_val=1.0"))
