@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
@@ -41,7 +42,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
             ``model.pretrained_model_name_or_path`` by the CLI (``link_arguments``): set it on the model.
         revision: Hub revision of the base model. Linked from ``model.revision`` by the CLI.
         variant: Weight-file variant of the base model, e.g. ``fp16``. Linked from ``model.variant`` by the CLI.
-        class_images_batch_size: Images per pipeline call when generating class images.
+        class_images_batch_size: Images per pipeline call when generating class images, or ``auto``: on CUDA the
+            largest batch that fits (from 32, halved on out-of-memory), on a CPU 8.
         class_images_inference_steps: Sampler (DPM-Solver++) steps per generated class image.
         class_images_guidance_scale: Classifier-free guidance scale of the generated class images.
         seed: Seed of the generated class images (image ``i`` uses ``seed + i``).
@@ -73,7 +75,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
         revision: str | None = None,
         variant: str | None = None,
-        class_images_batch_size: int = 4,
+        class_images_batch_size: int | Literal["auto"] = "auto",
         class_images_inference_steps: int = 25,
         class_images_guidance_scale: float = 7.5,
         seed: int = 0,
@@ -107,8 +109,11 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 raise ValueError(
                     f"data.num_class_images must be positive with prior preservation, got {num_class_images}."
                 )
-            if class_images_batch_size <= 0 or class_images_inference_steps <= 0:
-                raise ValueError("data.class_images_batch_size and data.class_images_inference_steps must be positive.")
+            bad_batch = class_images_batch_size != "auto" and class_images_batch_size <= 0
+            if bad_batch or class_images_inference_steps <= 0:
+                raise ValueError(
+                    "data.class_images_batch_size (or auto) and data.class_images_inference_steps must be positive."
+                )
             if class_prompt.strip() == instance_prompt.strip():
                 log.warning(
                     "data.instance_prompt and data.class_prompt are both %r: the prior-preservation term then "
