@@ -77,10 +77,16 @@ def part_fingerprint(pretrained_model_name_or_path: str, part: str, revision: st
         fp["config"] = json.loads(config.read_text()) if config.is_file() else None
         return fp
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
-    config_path = Path(hf_hub_download(path, f"{part}/config.json", revision=revision))
-    fp["commit"] = config_path.parent.parent.name  # .../snapshots/<commit>/<part>/config.json
-    fp["config"] = json.loads(config_path.read_text())
+    index = Path(hf_hub_download(path, "model_index.json", revision=revision))
+    fp["commit"] = index.parent.name  # .../snapshots/<commit>/model_index.json: the files' exact version
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            fp["config"] = json.loads(Path(hf_hub_download(path, f"{part}/{name}", revision=revision)).read_text())
+            break
+        except EntryNotFoundError:
+            continue
     return fp
 
 

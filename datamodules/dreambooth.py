@@ -143,7 +143,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 revision=hp.revision,
                 variant=hp.variant,
             )
-        self._build_caches()
+        if self.trainer is None or self.trainer.state.fn == "fit":  # validate / test / predict train nothing
+            self._build_caches()
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

@@ -154,3 +154,23 @@ def test_text_embeddings_equal_the_text_encoder(tmp_path):
     with torch.no_grad():
         direct = encode_text(load_part(MODEL, "text_encoder"), tokenize(load_part(MODEL, "tokenizer"), [CLASS]))
     torch.testing.assert_close(embeds[CLASS], direct[0])
+
+
+def test_hub_models_are_fingerprinted_by_commit(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    snapshot = tmp_path / "snapshots" / "0123abc"
+    (snapshot / "tokenizer").mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (snapshot / "tokenizer" / "tokenizer_config.json").write_text('{"model_max_length": 77}')
+
+    def fake_download(repo_id, filename, revision=None):
+        assert repo_id == "org/model" and revision == "main"
+        if not (snapshot / filename).is_file():
+            raise EntryNotFoundError(filename)
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    fp = caches.part_fingerprint("org/model", "tokenizer", "main", None)
+    assert fp["commit"] == "0123abc" and fp["config"] == {"model_max_length": 77}
