@@ -51,3 +51,19 @@ def test_savers_train_the_same_loss(toy_subject_dir, monkeypatch):
         assert module.unet.conv_in.weight.grad is not None
     assert compiled == ["UNet2DConditionModel"]  # compiled in place (names and checkpoints unchanged)
     assert losses["savers"] == pytest.approx(losses["plain"], rel=1e-4)
+
+
+def test_frozen_weights_are_cast_one_by_one_and_trained_ones_kept():
+    from lightning_modules.lora import UNET_TARGET_MODULES, inject_lora, lora_config
+    from lightning_modules.memory import cast_frozen_, release_freed_cpu_memory
+
+    unet = load_part("builtin:tiny-sd", "unet")  # its weights live in a memory-mapped safetensors file
+    inject_lora(unet, lora_config(4, None, 0.0, UNET_TARGET_MODULES))
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    cast_frozen_(unet, torch.bfloat16)
+    for name, param in unet.named_parameters():
+        if param.requires_grad:
+            assert param.dtype == torch.float32 and torch.equal(param, before[name])
+        else:
+            assert param.dtype == torch.bfloat16 and torch.equal(param, before[name].to(torch.bfloat16))
+    assert release_freed_cpu_memory()  # Linux / glibc here
