@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.evaluation import DreamBenchEvaluation
@@ -26,6 +28,8 @@ class DreamBoothCLI(LightningCLI):
         for name in ("pretrained_model_name_or_path", "revision", "variant", "single_file_config"):
             parser.link_arguments(f"model.{name}", f"data.{name}")
         parser.link_arguments("data.resolution", "model.resolution")
+        # A frozen text encoder's embeddings are cached by the data module; a trained one encodes every step.
+        parser.link_arguments("model.train_text_encoder", "data.cache_text_embeddings", compute_fn=operator.not_)
         # Always-present callbacks, configured as top-level groups (metrics score the renders before the grid logs them).
         parser.add_lightning_class_args(SubjectMetrics, "metrics")
         parser.add_lightning_class_args(SampleGrid, "grid")

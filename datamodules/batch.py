@@ -1,7 +1,12 @@
 """The batch contract between the DataModule and the LightningModule.
 
-The collate function produces exactly this; `DreamBoothModule.training_step` reads exactly this.
+The collate functions produce exactly this; `DreamBoothModule.training_step` reads exactly this.
 Which rows are prior-preservation (class) rows is said by an explicit mask, never by row order.
+
+A batch carries each row's image in one of two forms: ``pixel_values`` (the VAE encodes them each step), or, when the
+latent cache is on, the VAE's latent distribution (``latent_mean``, ``latent_std``), computed once before training,
+from which the module samples ``latent_mean + latent_std * randn`` each step: the same training signal as encoding.
+With a frozen text encoder it also carries ``prompt_embeds``, computed once per distinct prompt.
 """
 
 from typing import TypedDict
@@ -9,9 +14,18 @@ from typing import TypedDict
 from torch import Tensor
 
 
-class DreamBoothBatch(TypedDict):
-    """One training batch of instance rows and, with prior preservation, class rows."""
-
-    pixel_values: Tensor  # (B, 3, H, W) float32 in [-1, 1]
+class _RequiredFields(TypedDict):
     prompts: list[str]  # (B,) the caption of each row
     is_prior: Tensor  # (B,) bool: True for class-image (prior-preservation) rows
+
+
+class DreamBoothBatch(_RequiredFields, total=False):
+    """One training batch of instance rows and, with prior preservation, class rows.
+
+    Exactly one image form is present: ``pixel_values``, or ``latent_mean`` with ``latent_std``.
+    """
+
+    pixel_values: Tensor  # (B, 3, H, W) float32 in [-1, 1]
+    latent_mean: Tensor  # (B, 4, H/f, W/f) float32: VAE latent mean x scaling_factor (f: the VAE's downscale)
+    latent_std: Tensor  # (B, 4, H/f, W/f) float32: VAE latent std x scaling_factor
+    prompt_embeds: Tensor  # (B, 77, D) float32: the frozen text encoder's last hidden states for each row's prompt

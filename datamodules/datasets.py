@@ -88,15 +88,17 @@ class DreamBoothDataset(Dataset):
     def _pixels(self, path: Path) -> Tensor:
         return self.transform(load_image(path))  # (3, resolution, resolution)
 
-    def __getitem__(self, index: int) -> DreamBoothExample:
+    def pair_indices(self, index: int) -> tuple[int, int | None]:
+        """Item ``index`` -> (instance image index, class image index or None)."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
-        example: DreamBoothExample = {
-            "instance": (self._pixels(self.instance_images[index % len(self.instance_images)]), self.instance_prompt)
-        }
-        if self.class_images is not None:
-            class_path = self.class_images[index % len(self.class_images)]
-            example["class"] = (self._pixels(class_path), self.class_prompt)
+        return index % len(self.instance_images), None if self.class_images is None else index % len(self.class_images)
+
+    def __getitem__(self, index: int) -> DreamBoothExample:
+        i, c = self.pair_indices(index)
+        example: DreamBoothExample = {"instance": (self._pixels(self.instance_images[i]), self.instance_prompt)}
+        if c is not None:
+            example["class"] = (self._pixels(self.class_images[c]), self.class_prompt)
         return example
 
 

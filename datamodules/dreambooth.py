@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from datamodules.cached_dataset import CachedLatentDataset, WithTextEmbeddings, collate_latents
+from datamodules.caches import latent_cache, text_embedding_cache
 from datamodules.class_images import generate_class_images
 from datamodules.datasets import DreamBoothDataset, collate_dreambooth
 from datamodules.evaluation import (
@@ -80,7 +83,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
         variant: Weight-file variant of the base model, e.g. ``fp16``. Linked from ``model.variant`` by the CLI.
         single_file_config: Configs of a single-file base model (a diffusers folder or hub id). Linked from
             ``model.single_file_config`` by the CLI.
-        class_images_batch_size: Images per pipeline call when generating class images.
+        class_images_batch_size: Images per pipeline call when generating class images, or ``auto``: on CUDA the
+            largest batch that fits (from 32, halved on out-of-memory), on a CPU 8.
         class_images_inference_steps: Sampler (DPM-Solver++) steps per generated class image.
         class_images_guidance_scale: Classifier-free guidance scale of the generated class images.
         seed: Seed of the generated class images (image ``i`` uses ``seed + i``) and of the training data: its order
@@ -112,6 +116,16 @@ class DreamBoothDataModule(pl.LightningDataModule):
         eval_num_prompts: Evaluate only the first N prompts of each subject (a quick look); null for all.
         eval_num_images: Images per prompt in ``test`` (4 in the protocol).
         eval_seed: Base seed of the ``test`` renders, as ``validation_seed``.
+        cache_latents: Encode every image with the frozen VAE once before training, batched, and train on the
+            cached latent distribution (sampled each step: the same training signal as encoding each step); the VAE
+            is then never loaded for training. Needs ``center_crop`` (a random crop changes the pixels each epoch,
+            so it turns the cache off, with a log line); a random flip is cached both ways.
+        cache_text_embeddings: Encode each prompt once with the frozen text encoder before training, which then
+            is never loaded for training. Set by the CLI from ``model.train_text_encoder`` (on when it is false).
+        cache_dir: Folder of the latent and text-embedding caches; defaults to ``$DREAMBOOTH_CACHE/data``
+            (``~/.cache/dreambooth_lightning/data``). A cache is keyed by everything its content depends on (image
+            bytes, resolution, crop, flip, base model, revision, variant, VAE / text encoder), so a change
+            rebuilds it.
     """
 
     def __init__(
@@ -131,7 +145,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         revision: str | None = None,
         variant: str | None = None,
         single_file_config: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        class_images_batch_size: int = 4,
+        class_images_batch_size: int | Literal["auto"] = "auto",
         class_images_inference_steps: int = 25,
         class_images_guidance_scale: float = 7.5,
         seed: int = 0,
@@ -151,6 +165,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
         eval_num_prompts: int | None = None,
         eval_num_images: int = 4,
         eval_seed: int = 0,
+        cache_latents: bool = True,
+        cache_text_embeddings: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.validation_templates = resolve_templates(validation_prompts, "data.validation_prompts")
@@ -187,12 +204,16 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 raise ValueError(
                     f"data.num_class_images must be positive with prior preservation, got {num_class_images}."
                 )
-            if class_images_batch_size <= 0 or class_images_inference_steps <= 0:
-                raise ValueError("data.class_images_batch_size and data.class_images_inference_steps must be positive.")
+            bad_batch = class_images_batch_size != "auto" and class_images_batch_size <= 0
+            if bad_batch or class_images_inference_steps <= 0:
+                raise ValueError(
+                    "data.class_images_batch_size (or auto) and data.class_images_inference_steps must be positive."
+                )
         if class_prompt and (message := missing_identifier_message(instance_prompt, class_prompt)):
             log.warning(message)
         self.save_hyperparameters()
-        self.train_dataset: DreamBoothDataset | None = None  # built in setup("fit")
+        self.train_dataset: Dataset | None = None  # built in setup("fit"): images, or their cached latents
+        self._collate = collate_dreambooth
         self.val_dataset: ValidationPromptDataset | None = None  # built in setup("fit" / "validate")
         self.predict_dataset: ValidationPromptDataset | None = None  # built in setup("predict")
         self.control: Tensor | None = None  # (1, 3, H, W) ControlNet condition, loaded in setup("predict")
@@ -200,32 +221,54 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.test_dataset: EvalPromptDataset | None = None
 
     def prepare_data(self) -> None:
-        """Check the subject's images and, for ``fit``, generate the missing class images (once per node)."""
+        """Check the images and, for ``fit``, generate the missing class images and build the caches (once per node)."""
         hp = self.hparams
         stage = self.trainer.state.fn if self.trainer is not None else "fit"
         if stage == "predict" or (stage == "test" and hp.eval_data_dir):
             return  # renders prompts, or evaluates other subjects: the run's images are not needed
         check_image_folder(hp.instance_data_dir, "data.instance_data_dir", min_side=hp.resolution)
-        if hp.with_prior_preservation and stage == "fit":
-            Path(hp.class_data_dir).expanduser().mkdir(parents=True, exist_ok=True)
-            generate_class_images(
-                hp.pretrained_model_name_or_path,
-                hp.class_prompt,
-                hp.class_data_dir,
-                hp.num_class_images,
-                hp.resolution,
-                batch_size=hp.class_images_batch_size,
-                num_inference_steps=hp.class_images_inference_steps,
-                guidance_scale=hp.class_images_guidance_scale,
-                seed=hp.seed,
-                revision=hp.revision,
-                variant=hp.variant,
-                single_file_config=hp.single_file_config,
-            )
+        if stage == "fit" and not self._distributed():  # under DDP setup() does this, shared by all the ranks
+            self._make_class_images(rank=0, world_size=1)
+            self._build_caches()
+
+    def _distributed(self) -> bool:
+        return self.trainer is not None and self.trainer.world_size > 1
+
+    def _make_class_images(self, rank: int, world_size: int) -> None:
+        """Top the class folder up; with several ranks each makes its share of the missing images."""
+        hp = self.hparams
+        if not hp.with_prior_preservation:
+            return
+        Path(hp.class_data_dir).expanduser().mkdir(parents=True, exist_ok=True)
+        generate_class_images(
+            hp.pretrained_model_name_or_path,
+            hp.class_prompt,
+            hp.class_data_dir,
+            hp.num_class_images,
+            hp.resolution,
+            batch_size=hp.class_images_batch_size,
+            num_inference_steps=hp.class_images_inference_steps,
+            guidance_scale=hp.class_images_guidance_scale,
+            seed=hp.seed,
+            revision=hp.revision,
+            variant=hp.variant,
+            single_file_config=hp.single_file_config,
+            rank=rank,
+            world_size=world_size,
+        )
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._distributed():
+            # Every rank makes its share of the missing class images (the folder must be shared by the nodes); then
+            # each node's local rank 0 builds the caches that node's ranks read.
+            trainer = self.trainer
+            self._make_class_images(trainer.global_rank, trainer.world_size)
+            trainer.strategy.barrier("class_images")
+            if trainer.local_rank == 0:
+                self._build_caches()
+            trainer.strategy.barrier("caches")
         if stage == "fit":
-            self.train_dataset = self._build_train_dataset()
+            self.train_dataset, self._collate = self._with_cached_inputs(self._build_train_dataset(), announce=True)
         if stage in ("fit", "validate"):
             hp = self.hparams
             noun = validation_class_noun(
@@ -296,6 +339,30 @@ class DreamBoothDataModule(pl.LightningDataModule):
             random_flip=hp.random_flip,
         )
 
+    def _build_caches(self) -> None:
+        """Build the missing latent / text-embedding caches (setup() then reads them on every rank)."""
+        self._with_cached_inputs(self._build_train_dataset())
+
+    def _with_cached_inputs(self, dataset: DreamBoothDataset, announce: bool = False):
+        """The dataset and collate function training reads: cached latents and text embeddings where they apply."""
+        hp = self.hparams
+        model = (hp.pretrained_model_name_or_path, hp.revision, hp.variant)
+        sfc = hp.single_file_config
+        data, collate = dataset, collate_dreambooth
+        if hp.cache_latents and not hp.center_crop and announce:
+            log.info("data.center_crop is false: random crops change the pixels, so latents are encoded every step.")
+        if hp.cache_latents and hp.center_crop:
+            images = dataset.instance_images + (dataset.class_images or [])
+            table = latent_cache(
+                images, hp.resolution, hp.random_flip, *model, cache_dir=hp.cache_dir, single_file_config=sfc
+            )
+            data, collate = CachedLatentDataset(dataset, table), collate_latents
+        if hp.cache_text_embeddings:
+            prompts = [dataset.instance_prompt] + ([dataset.class_prompt] if dataset.class_images else [])
+            embeds = text_embedding_cache(prompts, *model, cache_dir=hp.cache_dir, single_file_config=sfc)
+            collate = WithTextEmbeddings(collate, embeds)
+        return data, collate
+
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("DreamBoothDataModule.train_dataloader() needs setup('fit') first.")
@@ -306,9 +373,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
             seed=self.hparams.seed,
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
+            collate_fn=self._collate,
             num_workers=self.hparams.num_workers,
             epoch=trainer.current_epoch if trainer is not None else 0,
-            collate_fn=collate_dreambooth,
             drop_last=False,
         )
 

@@ -5,6 +5,8 @@ No machine here reaches a model hub, so tests, the demo and memory benchmarks us
 - ``builtin:tiny-sd``: a tiny SD 1.x (UNet, VAE with a downscale factor of 4, 2-layer CLIP text encoder,
   the real CLIP tokenizer, the SD 1.x PNDM scheduler) with fixed-seed random weights; native size 64 px.
 - ``builtin:tiny-sd-v``: the same with a ``v_prediction`` scheduler.
+- ``builtin:small-sd``: a small SD 1.x (UNet channels 64-128-256 with cross-attention, VAE factor 4), native
+  size 128 px, for speed benchmarks: large enough that the UNet dominates a training step.
 - ``builtin:sd15-random``: the real SD 1.5 architecture with random weights (about 4 GB in float32), for
   memory and speed benchmarks. Built only when asked for.
 
@@ -91,6 +93,45 @@ def _tiny_sd_configs(prediction_type: str = "epsilon") -> dict[str, dict[str, An
     }
 
 
+def _small_sd_configs() -> dict[str, dict[str, Any]]:
+    """A small SD 1.x for speed benchmarks: big enough that the UNet, not the Python around it, takes the time."""
+    return {
+        "unet": {
+            "sample_size": 32,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": (64, 128, 256),
+            "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 64,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * 3,
+            "up_block_types": ("UpDecoderBlock2D",) * 3,
+            "block_out_channels": (32, 64, 64),
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 32,
+            "sample_size": 128,
+        },
+        "text_encoder": {
+            **_CLIP_TEXT_COMMON,
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "projection_dim": 64,
+            "hidden_act": "quick_gelu",
+        },
+        "scheduler": dict(_SD1_SCHEDULER),
+    }
+
+
 def _sd15_configs() -> dict[str, dict[str, Any]]:
     return {
         "unet": {
@@ -144,6 +185,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     for m in (
         BuiltinModel("tiny-sd", 1, "tiny SD 1.x, epsilon prediction, 64 px", _tiny_sd_configs),
         BuiltinModel("tiny-sd-v", 1, "tiny SD 1.x, v_prediction, 64 px", lambda: _tiny_sd_configs("v_prediction")),
+        BuiltinModel("small-sd", 1, "small SD 1.x for speed benchmarks, 128 px", _small_sd_configs),
         BuiltinModel("sd15-random", 1, "SD 1.5 architecture, random weights (~4 GB fp32)", _sd15_configs),
     )
 }

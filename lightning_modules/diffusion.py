@@ -48,6 +48,16 @@ def encode_latents(vae: AutoencoderKL, pixel_values: Tensor, generator: torch.Ge
     return dist.sample(generator) * vae.config.scaling_factor
 
 
+def sample_latents(mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Draw latents from a cached latent distribution: ``mean + std * randn``, as ``latent_dist.sample()`` draws them.
+
+    ``mean`` and ``std`` (B, 4, h, w) are already scaled by the VAE's scaling factor, so for the same random draw
+    this equals :func:`encode_latents` of the same pixels (up to float rounding).
+    """
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)  # (B, 4, h, w)
+    return mean + std * noise
+
+
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> Tensor:
     """Prompts -> (B, 77) token ids, padded and truncated the Stable Diffusion way."""
     return tokenizer(
@@ -72,7 +82,9 @@ def diffusion_target(noise_scheduler: DDPMScheduler, latents: Tensor, noise: Ten
 
 def add_noise(noise_scheduler: DDPMScheduler, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Draw noise and timesteps for each row; return (noisy_latents, noise, timesteps)."""
-    noise = torch.randn_like(latents)  # (B, 4, h, w)
+    # Drawn in logical order, not randn_like: the VAE may return channels-last latents, and the same seed must give
+    # the same noise whatever the memory layout (cached and encoded latents train identically).
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # (B, 4, h, w)
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
     ).long()  # (B,)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+from typing import Literal
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
 from datamodules.batch import DreamBoothBatch
 from datamodules.evaluation import EvalBatch
@@ -17,8 +21,10 @@ from lightning_modules.diffusion import (
     dreambooth_loss,
     encode_latents,
     encode_text,
+    sample_latents,
     tokenize,
 )
+from lightning_modules.fused_optim import OptimizerInBackward, fused_backward_conflicts
 from lightning_modules.lora import (
     TEXT_ENCODER_TARGET_MODULES,
     UNET_TARGET_MODULES,
@@ -27,12 +33,19 @@ from lightning_modules.lora import (
     lora_config,
     resolve_lora_file,
 )
+from lightning_modules.memory import (
+    AttentionName,
+    apply_unet_savers,
+    cast_frozen_,
+    release_freed_cpu_memory,
+    to_memory_format,
+)
 from lightning_modules.numerics import NanPolicy, NonFiniteLossError, check_finite_weights, non_finite_loss_message
 from lightning_modules.optim import OptimizerName, SchedulerName, build_lr_scheduler, build_optimizer, param_groups
 from lightning_modules.pipeline import build_pipeline
 from lightning_modules.rng_state import capture_rng_states, restore_rng_states
 from lightning_modules.sampling import SamplingSettings, image_seed, render
-from lightning_modules.sd_loading import SDComponents, load_components
+from lightning_modules.sd_loading import SDComponents, load_components, load_part
 
 # Lightning precision setting -> dtype in which the frozen modules are held and run.
 FROZEN_DTYPES = {
@@ -75,6 +88,20 @@ class DreamBoothModule(pl.LightningModule):
         prior_loss_weight: Weight of the prior-preservation (class rows) term; 0 gives plain fine-tuning.
         gradient_checkpointing: Recompute activations in backward to save memory (UNet, and the text encoder when
             trained).
+        attention: Attention kernel of the UNet: ``sdpa`` (torch's scaled_dot_product_attention, with flash /
+            memory-efficient kernels where the device has them) or ``eager`` (matmul-softmax-matmul, which holds the
+            whole attention matrix; for comparison).
+        channels_last: Hold the UNet's conv weights and inputs as NHWC, which tensor-core GPUs and oneDNN CPUs run
+            faster.
+        compile_unet: Compile the UNet's forward with ``torch.compile`` (in place: names and checkpoints unchanged).
+            The first steps are slow while it compiles.
+        fused_backward: Full fine-tuning only: update each weight inside backward as soon as its gradient is ready,
+            then free that gradient, so all gradients never exist at once (saves one float32 copy of the trained
+            weights). Needs ``trainer.accumulate_grad_batches`` 1, no ``gradient_clip_val``, no ``16-mixed``, one
+            process; refused otherwise.
+        trim_cpu_memory: Linux (glibc): give freed CPU memory back to the system at once instead of keeping it for
+            reuse, from set-up on. Lowers the peak resident memory of CPU training (the caches' encoders, loading
+            and the first step no longer add up) at some cost in allocation speed. Process-wide.
         resolution: Training resolution in pixels; the default render size. Linked from ``data.resolution``.
         sampling: How validation, ``predict`` and ``test`` render images: images per prompt, guidance, steps,
             sampler, size, negative prompt, LoRA scales of the UNet and the text encoder.
@@ -113,6 +140,11 @@ class DreamBoothModule(pl.LightningModule):
         lr_warmup_steps: int = 0,
         prior_loss_weight: float = 1.0,
         gradient_checkpointing: bool = False,
+        attention: AttentionName = "sdpa",
+        channels_last: bool = False,
+        compile_unet: bool = False,
+        fused_backward: bool = False,
+        trim_cpu_memory: bool = False,
         resolution: int = 512,
         sampling: SamplingSettings = SamplingSettings(),
         nan_policy: NanPolicy = "stop",
@@ -126,6 +158,12 @@ class DreamBoothModule(pl.LightningModule):
             raise ValueError("model.learning_rate and model.text_encoder_lr must be positive.")
         if prior_loss_weight < 0:
             raise ValueError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
+        if fused_backward and use_lora:
+            raise ValueError(
+                "model.fused_backward is for full fine-tuning (model.use_lora false); LoRA's gradients are small."
+            )
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(f"Unknown model.attention {attention!r}: choose 'sdpa' or 'eager'.")
         if nan_policy not in ("stop", "skip"):
             raise ValueError(f"model.nan_policy must be 'stop' or 'skip', got {nan_policy!r}.")
         if lora_weights:
@@ -137,6 +175,9 @@ class DreamBoothModule(pl.LightningModule):
         # hparams hold a plain dict (for checkpoints and loggers); the module reads the typed settings.
         self.sampling = sampling if isinstance(sampling, SamplingSettings) else SamplingSettings(**sampling)
         self.parts: SDComponents | None = None  # loaded in configure_model
+        # The VAE and a frozen text encoder are loaded on first use (see frozen()); None until then.
+        self.unet = self.text_encoder = self.vae = None
+        self._parked: dict[str, nn.Module] = {}  # frozen parts moved off an accelerator by release_frozen()
         self._pipe = None  # a sampling pipeline around the live modules, built per validation / test / predict run
         self.controlnet = None  # loaded in configure_model when model.controlnet is set
         # Checkpoints hold only the trained weights, so loading one is partial by design (see on_load_checkpoint).
@@ -150,9 +191,18 @@ class DreamBoothModule(pl.LightningModule):
         if self.parts is not None:
             return
         hp = self.hparams
-        parts = load_components(hp.pretrained_model_name_or_path, hp.revision, hp.variant, hp.single_file_config)
-        parts.vae.requires_grad_(False).eval()
-        parts.text_encoder.requires_grad_(False)
+        # The VAE and a frozen text encoder load on first use: with cached inputs, never during training. A LoRA export
+        # may hold text-encoder adapters, so rendering with one loads the text encoder now.
+        parts = load_components(
+            hp.pretrained_model_name_or_path,
+            hp.revision,
+            hp.variant,
+            hp.single_file_config,
+            with_vae=False,
+            with_text_encoder=hp.train_text_encoder or bool(hp.lora_weights),
+        )
+        if parts.text_encoder is not None:
+            parts.text_encoder.requires_grad_(False)
         if hp.lora_weights:  # trained adapters from an export, frozen: for rendering and evaluation
             load_lora_file(parts.unet, parts.text_encoder, hp.lora_weights)
         elif hp.use_lora:
@@ -162,9 +212,8 @@ class DreamBoothModule(pl.LightningModule):
                 inject_lora(parts.text_encoder, te_config)
         else:
             parts.unet.requires_grad_(True)
-            parts.text_encoder.requires_grad_(hp.train_text_encoder)
-        if not hp.train_text_encoder:
-            parts.text_encoder.eval()
+            if hp.train_text_encoder:
+                parts.text_encoder.requires_grad_(True)
         if hp.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
             if hp.train_text_encoder:
@@ -172,10 +221,54 @@ class DreamBoothModule(pl.LightningModule):
         if hp.controlnet:
             self.controlnet = load_controlnet(hp.controlnet)
             check_controlnet_fits(self.controlnet, parts.unet, hp.controlnet)
-        self._cast_frozen(parts)
+        apply_unet_savers(parts.unet, hp.attention, hp.channels_last, hp.compile_unet)
+        self._cast_frozen(parts.unet, parts.text_encoder, self.controlnet)
         self.parts = parts
         # Registered as submodules so Lightning moves them, wraps them (DDP) and sees their parameters.
-        self.unet, self.text_encoder, self.vae = parts.unet, parts.text_encoder, parts.vae
+        self.unet, self.text_encoder = parts.unet, parts.text_encoder
+
+    def frozen(self, name: Literal["vae", "text_encoder"]) -> nn.Module:
+        """The VAE or the text encoder, loaded (in the frozen dtype, on this module's device) if it is not.
+
+        Training needs them only for batches without cached latents / text embeddings; sampling needs them.
+        """
+        module = getattr(self, name)
+        if module is None:
+            module = self._parked.pop(name, None)
+            if module is None:
+                hp = self.hparams
+                module = load_part(
+                    hp.pretrained_model_name_or_path, name, hp.revision, hp.variant, hp.single_file_config
+                )
+                module.requires_grad_(False).eval()
+                self._cast_frozen(module)
+            module.to(self.device)
+            setattr(self, name, module)
+            setattr(self.parts, name, module)
+        return module
+
+    def sampling_parts(self) -> SDComponents:
+        """All the parts, the frozen ones loaded: what a sampling pipeline (``build_pipeline``) needs."""
+        self.frozen("vae")
+        self.frozen("text_encoder")
+        return self.parts
+
+    def release_frozen(self) -> None:
+        """Free the training device of the frozen VAE and text encoder: moved to the CPU (for a quick reuse by
+        :meth:`frozen`) when training on an accelerator, dropped when training on the CPU."""
+        names = ["vae"] + ([] if self.hparams.train_text_encoder else ["text_encoder"])
+        for name in names:
+            module = getattr(self, name)
+            if module is None:
+                continue
+            setattr(self, name, None)
+            setattr(self.parts, name, None)
+            if self.device.type != "cpu":
+                self._parked[name] = module.to("cpu")
+            del module
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.lora_weights:
@@ -183,6 +276,8 @@ class DreamBoothModule(pl.LightningModule):
                 "model.lora_weights loads a finished export for validate / test / predict; fit trains fresh adapters. "
                 "To continue training a run, resume it with --ckpt_path <run dir>/checkpoints/last.ckpt."
             )
+        if self.hparams.trim_cpu_memory:  # after the data module built its caches, before the model loads
+            release_freed_cpu_memory()
 
     @property
     def _unet_targets(self) -> list[str]:
@@ -192,29 +287,30 @@ class DreamBoothModule(pl.LightningModule):
     def _te_targets(self) -> list[str]:
         return self.hparams.lora_text_encoder_target_modules or TEXT_ENCODER_TARGET_MODULES
 
-    def _cast_frozen(self, parts: SDComponents) -> None:
+    def _cast_frozen(self, *models: nn.Module | None) -> None:
         """Hold frozen weights in the compute dtype under mixed precision; trained weights stay float32."""
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
         dtype = FROZEN_DTYPES.get(precision)
         if dtype is None:
             return
-        for model in (parts.vae, parts.text_encoder, parts.unet, self.controlnet):
-            for param in model.parameters() if model is not None else []:
-                if not param.requires_grad:
-                    param.data = param.data.to(dtype)
+        for model in models:
+            if model is not None:
+                cast_frozen_(model, dtype)  # one weight at a time, so float32 and half copies never all coexist
 
     # ----------------------------------------------------------------------------------------------- training
     def training_step(self, batch: DreamBoothBatch, batch_idx: int) -> torch.Tensor:
-        parts = self.parts
-        latents = encode_latents(self.vae, batch["pixel_values"]).float()  # (B, 4, h, w)
+        parts, hp = self.parts, self.hparams
+        latents = self._latents(batch)  # (B, 4, h, w)
         noisy_latents, noise, timesteps = add_noise(parts.noise_scheduler, latents)
-        with torch.set_grad_enabled(self.hparams.train_text_encoder):
-            context = encode_text(self.text_encoder, tokenize(parts.tokenizer, batch["prompts"]))  # (B, 77, D)
-        model_pred = self.unet(noisy_latents, timesteps, context).sample
+        context = self._text_context(batch)  # (B, 77, D)
+        model_pred = self.unet(to_memory_format(noisy_latents, hp.channels_last), timesteps, context).sample
         target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
-        terms = dreambooth_loss(model_pred, target, batch["is_prior"], self.hparams.prior_loss_weight)
+        terms = dreambooth_loss(model_pred, target, batch["is_prior"], hp.prior_loss_weight)
+        bs = batch["is_prior"].shape[0]
         self._check_loss(terms._asdict(), batch_idx)
-        bs = batch["pixel_values"].shape[0]
+        if self._skip_optimizer_step and hp.fused_backward:  # its optimizer steps inside backward: skip backward
+            self._skip_optimizer_step = False
+            return None
         self.log("train/loss", terms.loss, prog_bar=True, batch_size=bs)
         self.log("train/loss_instance", terms.instance, batch_size=bs)
         self.log("train/loss_prior", terms.prior, batch_size=bs)
@@ -240,11 +336,42 @@ class DreamBoothModule(pl.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             self._skip_optimizer_step = False
 
+    def _latents(self, batch: DreamBoothBatch) -> torch.Tensor:
+        """(B, 4, h, w) latents: sampled from the cached distribution, or encoded by the VAE."""
+        if "latent_mean" in batch:
+            return sample_latents(batch["latent_mean"], batch["latent_std"])
+        return encode_latents(self.frozen("vae"), batch["pixel_values"]).float()
+
+    def _text_context(self, batch: DreamBoothBatch) -> torch.Tensor:
+        """(B, 77, D) text embeddings: cached ones, or the text encoder's (with grad when it trains)."""
+        train_te = self.hparams.train_text_encoder
+        if "prompt_embeds" in batch:
+            if train_te:
+                raise ValueError(
+                    "The batch carries cached text embeddings, but model.train_text_encoder is true: the text encoder "
+                    "would get no gradient. Set data.cache_text_embeddings false (the CLI links it)."
+                )
+            return batch["prompt_embeds"]
+        text_encoder = self.text_encoder if train_te else self.frozen("text_encoder")
+        with torch.set_grad_enabled(train_te):
+            return encode_text(text_encoder, tokenize(self.parts.tokenizer, batch["prompts"]))
+
     def configure_optimizers(self):
         hp = self.hparams
         groups = param_groups(self.unet, self.text_encoder, hp.learning_rate, hp.text_encoder_lr)
         betas = (hp.adam_beta1, hp.adam_beta2)
-        optimizer = build_optimizer(hp.optimizer, groups, betas, hp.adam_weight_decay, hp.adam_epsilon)
+        if hp.fused_backward:
+            t = self.trainer
+            conflicts = fused_backward_conflicts(
+                t.accumulate_grad_batches, t.gradient_clip_val, str(t.precision), t.world_size
+            )
+            if conflicts:
+                raise ValueError(f"model.fused_backward cannot be combined with: {'; '.join(conflicts)}.")
+            optimizer = OptimizerInBackward(
+                groups, lambda g: build_optimizer(hp.optimizer, g, betas, hp.adam_weight_decay, hp.adam_epsilon)
+            )
+        else:
+            optimizer = build_optimizer(hp.optimizer, groups, betas, hp.adam_weight_decay, hp.adam_epsilon)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = build_lr_scheduler(hp.lr_scheduler, optimizer, hp.lr_warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -256,7 +383,7 @@ class DreamBoothModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- rendering
     def on_validation_epoch_start(self) -> None:
-        self._pipe = build_pipeline(self.parts, self.sampling.sampler)
+        self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler)
 
     def validation_step(self, batch: ValidationBatch, batch_idx: int) -> dict:
         """Render ``num_images_per_prompt`` images per prompt with fixed seeds; callbacks grid and score them."""
@@ -264,9 +391,11 @@ class DreamBoothModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._pipe = None
+        if self.trainer.state.fn == "fit":  # training goes on: the frozen parts leave the training device again
+            self.release_frozen()
 
     def on_test_epoch_start(self) -> None:
-        self._pipe = build_pipeline(self.parts, self.sampling.sampler)
+        self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler)
 
     def test_step(self, batch: EvalBatch, batch_idx: int) -> dict:
         """The evaluation protocol's renders: ``num_images`` per prompt, for the subject of each prompt."""
@@ -279,9 +408,9 @@ class DreamBoothModule(pl.LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         if self.controlnet is not None:
-            self._pipe = build_controlnet_pipeline(self.parts, self.controlnet, self.sampling.sampler)
+            self._pipe = build_controlnet_pipeline(self.sampling_parts(), self.controlnet, self.sampling.sampler)
         else:
-            self._pipe = build_pipeline(self.parts, self.sampling.sampler)
+            self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler)
 
     def predict_step(self, batch: PredictBatch, batch_idx: int) -> dict:
         """Render ``num_images_per_prompt`` images per prompt (with the ControlNet condition, if any)."""

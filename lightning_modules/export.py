@@ -63,17 +63,17 @@ def has_lora(model: nn.Module) -> bool:
     return bool(getattr(model, "peft_config", None))
 
 
-def check_finite(models: dict[str, nn.Module]) -> None:
+def check_finite(models: dict[str, nn.Module | None]) -> None:
     """Refuse to export weights that hold NaN or infinity (a diverged run)."""
     for model_name, model in models.items():
-        for name, param in model.named_parameters():
+        for name, param in model.named_parameters() if model is not None else []:
             if param.requires_grad and not torch.isfinite(param).all():
                 raise FloatingPointError(f"Not exporting: {model_name}.{name} holds NaN or infinite values.")
 
 
 def export_lora(
     unet: nn.Module,
-    text_encoder: nn.Module,
+    text_encoder: nn.Module | None,
     out_dir: str | Path,
     base_model: str,
     revision: str | None = None,
@@ -82,11 +82,13 @@ def export_lora(
 ) -> Path:
     """Write the UNet (and text-encoder, when it has one) LoRA adapters as a diffusers and a kohya LoRA file.
 
+    ``text_encoder`` may be None (a frozen text encoder that was never loaded: cached text embeddings).
+
     The base model's name (``revision``, ``variant``, ``single_file_config``) is recorded so :func:`load_export`
     can rebuild the pipeline.
     """
     check_finite({"unet": unet, "text_encoder": text_encoder})
-    te = has_lora(text_encoder)
+    te = text_encoder is not None and has_lora(text_encoder)
     with atomic_directory(out_dir) as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp,

@@ -13,11 +13,11 @@ SchedulerName = Literal["constant", "linear", "cosine"]
 
 
 def param_groups(
-    unet: nn.Module, text_encoder: nn.Module, learning_rate: float, text_encoder_lr: float | None
+    unet: nn.Module, text_encoder: nn.Module | None, learning_rate: float, text_encoder_lr: float | None
 ) -> list[dict]:
-    """One group per trained model, so the text encoder can have its own learning rate."""
+    """One group per trained model, so the text encoder can have its own learning rate (None: not loaded)."""
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": learning_rate, "name": "unet"}]
-    te_params = [p for p in text_encoder.parameters() if p.requires_grad]
+    te_params = [p for p in text_encoder.parameters() if p.requires_grad] if text_encoder is not None else []
     if te_params:
         lr = learning_rate if text_encoder_lr is None else text_encoder_lr
         groups.append({"params": te_params, "lr": lr, "name": "text_encoder"})

@@ -25,8 +25,8 @@ class SDComponents:
     """The pieces of Stable Diffusion that training drives."""
 
     tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    vae: AutoencoderKL
+    text_encoder: CLIPTextModel | None  # None while a frozen text encoder is not loaded (cached text embeddings)
+    vae: AutoencoderKL | None  # None while not loaded (cached latents)
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
 
@@ -57,34 +57,72 @@ def check_model_path(pretrained_model_name_or_path: str) -> str:
     return path
 
 
+# The loadable parts: name -> (class, subfolder).
+PART_CLASSES = {
+    "tokenizer": CLIPTokenizer,
+    "text_encoder": CLIPTextModel,
+    "vae": AutoencoderKL,
+    "unet": UNet2DConditionModel,
+    "noise_scheduler": DDPMScheduler,
+}
+PART_SUBFOLDERS = {"noise_scheduler": "scheduler"}
+WEIGHTED_PARTS = ("text_encoder", "vae", "unet")  # the parts with weight files (and a ``variant``)
+
+
+def load_part(
+    pretrained_model_name_or_path: str,
+    part: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    single_file_config: str | None = None,
+):
+    """Load one part (``tokenizer``, ``text_encoder``, ``vae``, ``unet`` or ``noise_scheduler``), in float32."""
+    path = check_model_path(pretrained_model_name_or_path)
+    if os.path.isfile(path):  # a single-file checkpoint holds every part: read it whole, keep the one asked for
+        pipe = load_single_file_pipeline(path, single_file_config)
+        if part == "noise_scheduler":
+            return DDPMScheduler.from_config(pipe.scheduler.config)
+        return getattr(pipe, part)
+    kw = {"subfolder": PART_SUBFOLDERS.get(part, part), "revision": revision}
+    if part in WEIGHTED_PARTS:
+        kw["variant"] = variant
+    return PART_CLASSES[part].from_pretrained(path, **kw)
+
+
 def load_components(
     pretrained_model_name_or_path: str,
     revision: str | None = None,
     variant: str | None = None,
     single_file_config: str | None = None,
+    with_vae: bool = True,
+    with_text_encoder: bool = True,
 ) -> SDComponents:
     """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler, all in float32.
 
-    ``single_file_config`` (a diffusers folder or hub id describing the architecture) is used only when the model is
-    a single-file checkpoint; ``revision`` and ``variant`` only when it is not.
+    ``with_vae`` / ``with_text_encoder`` false leave those parts ``None`` (not loaded), for training on cached
+    latents / text embeddings. ``single_file_config`` (a diffusers folder or hub id describing the architecture) is
+    used only when the model is a single-file checkpoint; ``revision`` and ``variant`` only when it is not.
     """
-    path = check_model_path(pretrained_model_name_or_path)
+    path = check_model_path(pretrained_model_name_or_path)  # fail early, before any part loads
     if os.path.isfile(path):
         pipe = load_single_file_pipeline(path, single_file_config)
         return SDComponents(
             tokenizer=pipe.tokenizer,
-            text_encoder=pipe.text_encoder,
-            vae=pipe.vae,
+            text_encoder=pipe.text_encoder if with_text_encoder else None,
+            vae=pipe.vae if with_vae else None,
             unet=pipe.unet,
             noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         )
-    kw = {"revision": revision}
+
+    def load(part: str):
+        return load_part(pretrained_model_name_or_path, part, revision, variant)
+
     return SDComponents(
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw),
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        tokenizer=load("tokenizer"),
+        text_encoder=load("text_encoder") if with_text_encoder else None,
+        vae=load("vae") if with_vae else None,
+        unet=load("unet"),
+        noise_scheduler=load("noise_scheduler"),
     )
 
 

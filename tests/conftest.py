@@ -14,6 +14,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
+def _data_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_data_cache(_data_cache_dir, monkeypatch) -> Path:
+    """Latent / text-embedding caches of this session go to a temporary folder, not the user's cache."""
+    import datamodules.caches
+
+    monkeypatch.setattr(datamodules.caches, "default_cache_dir", lambda: _data_cache_dir)
+    return _data_cache_dir
+
+
+@pytest.fixture(scope="session")
 def toy_subject_dir(tmp_path_factory) -> Path:
     from datamodules.toy_subject import draw_toy_subject
 

@@ -20,14 +20,15 @@ class RecordStart(pl.Callback):
 
 
 class PoisonBatch(pl.Callback):
-    """Makes the pixels of the batch of optimizer step ``step`` (1-based) NaN, so that its loss is NaN."""
+    """Makes the images (pixels, or cached latents) of the batch of optimizer step ``step`` (1-based) NaN, so that its
+    loss is NaN."""
 
     def __init__(self, step: int) -> None:
         self.step = step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step + 1 == self.step:
-            batch["pixel_values"].fill_(float("nan"))
+            batch["latent_mean" if "latent_mean" in batch else "pixel_values"].fill_(float("nan"))
 
 
 class PoisonWeights(pl.Callback):

@@ -177,7 +177,16 @@ def _folder(tmp_path: Path, case: Case) -> Path:
 
 
 def _datamodule(folder: Path) -> DreamBoothDataModule:
-    return DreamBoothDataModule(str(folder), PROMPT, with_prior_preservation=False, resolution=RES, batch_size=2)
+    # No caches: these tests read the decoded pixels (and the default base model is a hub id, offline here).
+    return DreamBoothDataModule(
+        str(folder),
+        PROMPT,
+        with_prior_preservation=False,
+        resolution=RES,
+        batch_size=2,
+        cache_latents=False,
+        cache_text_embeddings=False,
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -45,6 +45,8 @@ def test_fit_lora_exports_a_file_diffusers_loads(run_args, train_text_encoder):
     assert any(k.startswith("unet.") for k in weights)
     assert any(k.startswith("text_encoder.") for k in weights) == train_text_encoder
     assert (run_dir(cli.trainer) / "config.yaml").is_file()
+    # Trained on cached latents (and text embeddings when the text encoder is frozen): those were never loaded.
+    assert cli.model.vae is None and (cli.model.text_encoder is None) == (not train_text_encoder)
 
     base = _render(_base_pipe())
     pipe = _base_pipe()
@@ -123,3 +125,24 @@ def test_strategy_overlays_compose_with_the_full_configs(overlay, capsys):
         cli_main(["fit", "--config", str(ROOT / "configs" / base), "--config", str(overlay), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "strategy" in capsys.readouterr().out
+
+
+def test_fused_backward_full_fine_tuning_trains_and_resumes(run_args):
+    args = run_args("--model.use_lora=false", "--model.fused_backward=true", "--model.optimizer=adamw8bit", steps=2)
+    cli = cli_main([*args, "--trainer.callbacks.init_args.every_n_train_steps=2"])
+    assert cli.trainer.global_step == 2
+    (ckpt,) = Path(run_dir(cli.trainer)).rglob("last.ckpt")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["optimizer_states"][0]
+    assert len(saved["state"]) == sum(p.requires_grad for p in cli.model.parameters())
+    resumed = cli_main(
+        run_args("--model.use_lora=false", "--model.fused_backward=true", "--model.optimizer=adamw8bit", steps=3)
+        + ["--trainer.callbacks+=tests.helpers.RecordStart", "--ckpt_path", str(ckpt)]
+    )
+    record = next(cb for cb in resumed.trainer.callbacks if type(cb).__name__ == "RecordStart")
+    assert record.global_step == 2 and record.optimizer_step == float(saved["state"][0]["step"]) == 2
+    assert resumed.trainer.global_step == 3
+
+
+def test_fused_backward_refuses_gradient_clipping(run_args):
+    with pytest.raises(ValueError, match="fused_backward cannot be combined with: trainer.gradient_clip_val"):
+        cli_main(run_args("--model.use_lora=false", "--model.fused_backward=true", "--trainer.gradient_clip_val=1.0"))

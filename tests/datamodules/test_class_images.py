@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import lightning_modules.sd_loading as sd_loading
@@ -96,3 +97,50 @@ def test_bad_arguments(tmp_path, kwargs):
     args = {"num_class_images": 1, "resolution": 64, **kwargs}
     with pytest.raises(ValueError):
         generate_class_images(MODEL, PROMPT, tmp_path, **args)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_shard_missing_splits_without_duplicates(world_size):
+    from datamodules.class_images import shard_missing
+
+    missing = [0, 2, 3, 5, 8, 9, 10]
+    shards = [shard_missing(missing, r, world_size) for r in range(world_size)]
+    assert sorted(i for s in shards for i in s) == missing
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    with pytest.raises(ValueError):
+        shard_missing(missing, world_size, world_size)
+
+
+def test_ranks_make_disjoint_shares_and_rank_0_records(tmp_path, class_images_dir):
+    # Each rank sees the folder as it was before anyone wrote (under DDP a barrier ensures it); here two copies.
+    folders = [tmp_path / "rank0", tmp_path / "rank1"]
+    for folder in folders:
+        folder.mkdir()
+        shutil.copy(class_images_dir / "class_00001.png", folder)
+    made = [
+        generate_class_images(MODEL, PROMPT, f, 4, 64, num_inference_steps=1, rank=r, world_size=2)
+        for r, f in enumerate(folders)
+    ]
+    new = [{p.name for p in list_images(f)} - {"class_00001.png"} for f in folders]
+    assert made == [2, 1] and new[0] | new[1] == {"class_00000.png", "class_00002.png", "class_00003.png"}
+    assert not new[0] & new[1]
+    assert (folders[0] / RECORD_NAME).is_file() and not (folders[1] / RECORD_NAME).exists()
+
+
+def test_auto_batch_size_halves_on_out_of_memory(tmp_path, monkeypatch):
+    import datamodules.class_images as ci
+
+    sizes, real = [], ci._render
+
+    def small_memory(pipe, chunk, *args, **kwargs):
+        sizes.append(len(chunk))
+        if len(chunk) > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(pipe, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(ci, "_render", small_memory)
+    assert generate_class_images(MODEL, PROMPT, tmp_path, 5, 64, batch_size="auto", num_inference_steps=1) == 5
+    assert sizes == [5, 2, 2, 1]  # 5 missing (fewer than the CPU's auto size 8): too many; then 2 at a time
+    assert len(list_images(tmp_path)) == 5
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a fixed batch size is the user's choice: no retry
+        generate_class_images(MODEL, PROMPT, tmp_path / "fixed", 3, 64, batch_size=3, num_inference_steps=1)

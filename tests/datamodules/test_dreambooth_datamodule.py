@@ -60,7 +60,7 @@ def test_warns_when_instance_and_class_prompt_are_the_same(tmp_path, caplog):
 
 
 def test_fit_batches_without_prior_preservation(toy_subject_dir):
-    dm = _dm(toy_subject_dir, batch_size=3)
+    dm = _dm(toy_subject_dir, batch_size=3, cache_latents=False, cache_text_embeddings=False)
     dm.prepare_data()
     dm.setup("fit")
     loader = dm.train_dataloader()
@@ -68,12 +68,13 @@ def test_fit_batches_without_prior_preservation(toy_subject_dir):
     batch = next(iter(loader))
     assert batch["pixel_values"].shape == (3, 3, 64, 64)
     assert batch["is_prior"].tolist() == [False] * 3 and batch["prompts"] == [INSTANCE] * 3
+    assert set(batch) == {"pixel_values", "prompts", "is_prior"}
 
 
 def test_fit_batches_with_prior_preservation_use_the_first_class_images(tmp_path, toy_subject_dir, class_images_dir):
     class_dir = tmp_path / "class"
     shutil.copytree(class_images_dir, class_dir)  # 4 images; 3 are asked for, so none is generated
-    dm = _dm(toy_subject_dir, class_dir, batch_size=2, num_class_images=3)
+    dm = _dm(toy_subject_dir, class_dir, batch_size=2, num_class_images=3, cache_latents=False)
     dm.prepare_data()
     dm.setup("fit")
     assert [p.name for p in dm.train_dataset.class_images] == ["class_00000.png", "class_00001.png", "class_00002.png"]
@@ -87,6 +88,7 @@ def test_fit_batches_with_prior_preservation_use_the_first_class_images(tmp_path
 def test_prepare_data_generates_the_missing_class_images(tmp_path, toy_subject_dir, monkeypatch):
     calls = []
     monkeypatch.setattr(dreambooth, "generate_class_images", lambda *a, **k: calls.append((a, k)) or 0)
+    monkeypatch.setattr(DreamBoothDataModule, "_build_caches", lambda self: None)  # no images were made
     dm = _dm(toy_subject_dir, tmp_path / "new" / "class", num_class_images=5, seed=7, class_images_batch_size=2)
     dm.prepare_data()
     assert (tmp_path / "new" / "class").is_dir()

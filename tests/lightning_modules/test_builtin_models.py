@@ -278,3 +278,17 @@ def test_check_model_path_errors_clearly(tmp_path):
     assert (
         check_model_path("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     )
+
+
+def test_small_sd_is_a_consistent_128px_model():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    cfg = model_configs("small-sd")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg["unet"])
+        vae = AutoencoderKL(**cfg["vae"])
+    factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+    assert cfg["unet"]["sample_size"] * factor == cfg["vae"]["sample_size"] == 128
+    assert cfg["unet"]["cross_attention_dim"] == cfg["text_encoder"]["hidden_size"]
+    assert sum(p.numel() for p in unet.parameters()) == 12_527_748  # ~60x tiny-sd's UNet
+    assert sum(p.numel() for p in vae.parameters()) < 1_000_000  # the UNet, not the VAE, dominates a step

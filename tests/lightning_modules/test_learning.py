@@ -29,7 +29,7 @@ def _train(module: DreamBoothModule, batch, steps: int, lr: float) -> None:
 
 def _error(module: DreamBoothModule, latents, prompt: str) -> float:
     p = module.parts
-    return sum(fixed_noise_error(module.unet, module.text_encoder, p.tokenizer, p.noise_scheduler, latents, prompt, s)
+    return sum(fixed_noise_error(module.unet, module.frozen("text_encoder"), p.tokenizer, p.noise_scheduler, latents, prompt, s)
                for s in range(8)) / 8  # fmt: skip
 
 
@@ -40,7 +40,7 @@ def test_full_fine_tuning_lowers_the_loss_on_a_fixed_batch(toy_subject_dir, clas
     module.configure_model()
     batch = _batch(list_images(toy_subject_dir)[:1], list_images(class_images_dir)[:1])
     torch.manual_seed(0)
-    latents = encode_latents(module.vae, batch["pixel_values"])
+    latents = encode_latents(module.frozen("vae"), batch["pixel_values"])
     before = _error(module, latents, "a photo of sks ball")
     _train(module, batch, steps=30, lr=1e-3)
     after = _error(module, latents, "a photo of sks ball")
@@ -62,7 +62,7 @@ def test_overfit_lora_learns_the_subject_through_the_prompt(toy_subject_dir, cla
     module.configure_model()
     batch = _batch(list_images(toy_subject_dir)[:1], list_images(class_images_dir)[:1])
     torch.manual_seed(0)
-    latents = encode_latents(module.vae, batch["pixel_values"][~batch["is_prior"]])  # the instance image
+    latents = encode_latents(module.frozen("vae"), batch["pixel_values"][~batch["is_prior"]])  # the instance image
     base = _error(module, latents, "a photo of sks ball")
     te_before = {n: p.detach().clone() for n, p in module.text_encoder.named_parameters() if p.requires_grad}
     _train(module, batch, steps=100, lr=1e-2)

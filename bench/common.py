@@ -1,0 +1,97 @@
+"""Shared pieces of the benchmarks: the data they train on, timing callbacks, medians."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_PREFIX = "BENCH_RESULT "  # a child process prints its measurements on one line starting with this
+
+
+def setup_path() -> None:
+    """Make the repository importable when a benchmark runs as ``python bench/<name>.py``."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{platform.machine()} {cpus}-core CPU, load average {load:.1f} at start"
+
+
+def make_data(folder: Path, resolution: int, num_instance: int, num_class: int) -> tuple[Path, Path]:
+    """Toy-subject images as instance images, and toy images of other seeds as ready-made class images.
+
+    Ready-made class images keep class-image generation (measured by bench/class_images.py) out of the training
+    benchmarks; what the class images show does not change their cost.
+    """
+    from datamodules.toy_subject import draw_toy_subject
+
+    instance, klass = folder / "instance", folder / "class"
+    draw_toy_subject(instance, num_instance, resolution, seed=0)
+    draw_toy_subject(klass, num_class, resolution, seed=1)
+    return instance, klass
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+class StepTimer(pl.Callback):
+    """Times each optimizer step, from one ``on_train_batch_end`` to the next (so data loading, logging and the
+    optimizer are included), and prints the steady-state median when fit ends.
+
+    Args:
+        warmup: Steps left out at the start (allocation, first-call overheads, compilation).
+    """
+
+    def __init__(self, warmup: int = 1) -> None:
+        self.warmup = warmup
+        self.times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        steady = self.times[max(0, self.warmup - 1) :]
+        print(RESULT_PREFIX + json.dumps({"step_s": median(steady), "steps_timed": len(steady)}), flush=True)
+
+
+def memory_status() -> dict[str, float]:
+    """This process's resident memory now and at its peak, in GiB (Linux /proc/self/status)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0]) / 2**20
+    return fields
+
+
+class MemoryTrace(pl.Callback):
+    """Prints the process's resident memory after data set-up, after model set-up and after each step."""
+
+    @staticmethod
+    def _print(when: str) -> None:
+        print(f"MEMORY {when}: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in memory_status().items()), flush=True)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self._print("after prepare_data + data setup (caches built)")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._print("after configure_model")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._print(f"after step {trainer.global_step}")

@@ -1,0 +1,81 @@
+"""The DreamBooth dataset on cached latents, and the collate functions for cached inputs.
+
+Training on cached latents loads no image and runs no VAE: each item is the latent distribution (mean, std) of
+an instance image (and a class image), in one of its cached orientations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from datamodules.batch import DreamBoothBatch
+from datamodules.caches import LatentTable
+from datamodules.datasets import DreamBoothDataset
+
+LatentRow = tuple[Tensor, Tensor, str]  # (4, h, w) mean, (4, h, w) std, the row's prompt
+
+
+class CachedLatentDataset(Dataset):
+    """The items of a :class:`DreamBoothDataset` (same length and pairing), with latents in place of pixels.
+
+    Args:
+        dataset: The pixel dataset whose images, prompts and pairing this one follows.
+        table: The cached latents of ``dataset.instance_images`` followed by ``dataset.class_images``. With two
+            orientations (random flip), each access picks one with probability 0.5, as a random flip would.
+    """
+
+    def __init__(self, dataset: DreamBoothDataset, table: LatentTable) -> None:
+        n_images = len(dataset.instance_images) + len(dataset.class_images or [])
+        if table.mean.shape[0] != n_images or table.std.shape != table.mean.shape:
+            raise ValueError(f"latent table of {tuple(table.mean.shape)} does not match the {n_images} images")
+        self.dataset = dataset
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _row(self, image_index: int, prompt: str) -> LatentRow:
+        views = self.table.mean.shape[1]
+        v = int(torch.rand(()) < 0.5) if views == 2 else 0
+        return self.table.mean[image_index, v], self.table.std[image_index, v], prompt
+
+    def __getitem__(self, index: int) -> dict[str, LatentRow]:
+        i, c = self.dataset.pair_indices(index)
+        example = {"instance": self._row(i, self.dataset.instance_prompt)}
+        if c is not None:
+            example["class"] = self._row(len(self.dataset.instance_images) + c, self.dataset.class_prompt)
+        return example
+
+
+def collate_latents(examples: Sequence[dict[str, LatentRow]]) -> DreamBoothBatch:
+    """Like :func:`~datamodules.datasets.collate_dreambooth` (instance rows, then class rows, with ``is_prior``)."""
+    rows = [ex["instance"] for ex in examples] + [ex["class"] for ex in examples if "class" in ex]
+    return DreamBoothBatch(
+        latent_mean=torch.stack([r[0] for r in rows]),  # (B, 4, h, w)
+        latent_std=torch.stack([r[1] for r in rows]),  # (B, 4, h, w)
+        prompts=[r[2] for r in rows],  # (B,)
+        is_prior=torch.tensor([False] * len(examples) + [True] * (len(rows) - len(examples))),  # (B,)
+    )
+
+
+class WithTextEmbeddings:
+    """A collate function that adds each row's cached ``prompt_embeds`` (B, 77, D) to another's batch.
+
+    A class rather than a closure, so the DataLoader's worker processes can pickle it.
+    """
+
+    def __init__(self, collate: Callable[[list], DreamBoothBatch], embeds: dict[str, Tensor]) -> None:
+        self.collate = collate
+        self.embeds = embeds
+
+    def __call__(self, examples: list) -> DreamBoothBatch:
+        batch = self.collate(examples)
+        missing = sorted(set(batch["prompts"]) - set(self.embeds))
+        if missing:
+            raise KeyError(f"no cached text embedding for the prompts {missing}")
+        batch["prompt_embeds"] = torch.stack([self.embeds[p] for p in batch["prompts"]])  # (B, 77, D)
+        return batch

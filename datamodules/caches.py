@@ -1,0 +1,267 @@
+"""Latent and text-embedding caches, Lightning-free: what the frozen encoders compute, computed once.
+
+- Latents: when the VAE is frozen and an image's pixels never change between epochs (center crop; a random flip
+  is cached both ways), the VAE's latent distribution of every image, (mean, std) x ``scaling_factor``, is computed
+  once, batched. Training samples ``mean + std * randn`` each step, which is what ``latent_dist.sample()`` does:
+  the training signal is the same as encoding every step.
+- Text embeddings: with a frozen text encoder, each distinct prompt (there are two: instance and class) is
+  encoded once.
+
+Each cache is a safetensors file named by a key, the SHA-256 of everything its content depends on: for latents the
+images' bytes (in order), the resolution, crop and flip, and the VAE (base model, revision, variant, config and
+weight files); for text the prompts, tokenizer and text encoder. Any change gives another key, so a cache is
+rebuilt, never silently stale. The key is also stored inside the file and checked on load. Files are written
+atomically (temporary file, then rename), with a JSON sidecar saying what went into them.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from datamodules.images import load_image
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when what a cache file holds changes
+ENCODE_BATCH_SIZE = 4  # images per VAE call while building the latent cache
+
+
+class LatentTable(NamedTuple):
+    """Cached latent distributions of N images in V orientations (V = 2 with random flip: index 1 is flipped)."""
+
+    mean: Tensor  # (N, V, 4, h, w) float32, x scaling_factor
+    std: Tensor  # (N, V, 4, h, w) float32, x scaling_factor
+
+
+def default_cache_dir() -> Path:
+    """``$DREAMBOOTH_CACHE/data`` (default ``~/.cache/dreambooth_lightning/data``), beside the built-in models."""
+    from lightning_modules.builtin_models import cache_dir
+
+    return cache_dir() / "data"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def part_fingerprint(
+    pretrained_model_name_or_path: str,
+    part: str,
+    revision: str | None,
+    variant: str | None,
+    single_file_config: str | None = None,
+) -> dict:
+    """What identifies one part of a base model: its name, revision, variant, and its files' config and weights.
+
+    A local folder (or a built-in model) contributes its config and each file's size and modification time; a hub
+    model its config and the commit its files came from; a single-file checkpoint its size and modification time
+    and the configs it is read with.
+    """
+    from lightning_modules.sd_loading import check_model_path
+
+    path = check_model_path(pretrained_model_name_or_path)
+    fp: dict[str, Any] = {"model": pretrained_model_name_or_path, "revision": revision, "variant": variant}
+    if Path(path).is_file():
+        stat = Path(path).stat()
+        fp["file"] = [stat.st_size, stat.st_mtime_ns]
+        fp["single_file_config"] = single_file_config
+        return fp
+    folder = Path(path) / part
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        fp["files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+        config = folder / "config.json"
+        fp["config"] = json.loads(config.read_text()) if config.is_file() else None
+        return fp
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    index = Path(hf_hub_download(path, "model_index.json", revision=revision))
+    fp["commit"] = index.parent.name  # .../snapshots/<commit>/model_index.json: the files' exact version
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            fp["config"] = json.loads(Path(hf_hub_download(path, f"{part}/{name}", revision=revision)).read_text())
+            break
+        except EntryNotFoundError:
+            continue
+    return fp
+
+
+def cache_key(description: dict) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_cache(cache_dir: Path, kind: str, key: str, tensors: dict[str, Tensor], description: dict) -> Path:
+    """Write ``<kind>-<key>.safetensors`` (the key in its header) and its JSON sidecar, each atomically."""
+    from safetensors.torch import save_file
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{kind}-{key[:32]}.safetensors"
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key, "format": str(FORMAT_VERSION)}))
+    sidecar = json.dumps({"key": key, **description}, indent=2, default=str)
+    _write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(sidecar + "\n"))
+    return path
+
+
+def load_cache(cache_dir: Path, kind: str, key: str) -> dict[str, Tensor] | None:
+    """The cached tensors under ``key``, or None when there are none (a damaged file is reported and ignored)."""
+    from safetensors import safe_open
+
+    path = cache_dir / f"{kind}-{key[:32]}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as e:  # a truncated or foreign file: rebuild rather than fail
+        log.warning("Ignoring the unreadable cache file %s (%s); it will be rebuilt.", path, e)
+        return None
+
+
+def _pick_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _release_memory() -> None:
+    """Give the memory of the encoders just dropped back (the caller deletes its references first)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def encode_latent_table(
+    vae, images: Sequence[str | Path], resolution: int, random_flip: bool, batch_size: int = ENCODE_BATCH_SIZE
+) -> LatentTable:
+    """Encode each image (center crop, as training sees it) and, with ``random_flip``, its mirror image."""
+    from datamodules.datasets import image_transform
+
+    transform = image_transform(resolution, center_crop=True, random_flip=False)
+    sf = vae.config.scaling_factor
+    means, stds = [], []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([transform(load_image(p)) for p in images[start : start + batch_size]])  # (b, 3, H, W)
+        views = [pixels, pixels.flip(-1)] if random_flip else [pixels]
+        dists = [vae.encode(v.to(vae.device, vae.dtype)).latent_dist for v in views]
+        means.append(torch.stack([d.mean.float().cpu() * sf for d in dists], dim=1))  # (b, V, 4, h, w)
+        stds.append(torch.stack([d.std.float().cpu() * sf for d in dists], dim=1))
+    return LatentTable(torch.cat(means), torch.cat(stds))
+
+
+def latent_cache(
+    images: Sequence[str | Path],
+    resolution: int,
+    random_flip: bool,
+    pretrained_model_name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    single_file_config: str | None = None,
+) -> LatentTable:
+    """The latent distributions of ``images`` (in order), from the cache or encoded now and cached.
+
+    Only a miss loads the VAE (float32, on ``device``: CUDA when available); it is freed before returning.
+    """
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    description = {
+        "kind": "latents",
+        "format": FORMAT_VERSION,
+        "images": [file_sha256(p) for p in images],
+        "resolution": resolution,
+        "center_crop": True,
+        "random_flip": random_flip,
+        "vae": part_fingerprint(pretrained_model_name_or_path, "vae", revision, variant, single_file_config),
+    }
+    key = cache_key(description)
+    cached = load_cache(cache_dir, "latents", key)
+    if cached is not None:
+        log.info("Latent cache hit: %d images from %s.", len(images), cache_dir)
+        return LatentTable(cached["mean"], cached["std"])
+    from lightning_modules.sd_loading import load_part
+
+    log.info("Building the latent cache: encoding %d images%s once.", len(images), " (and flipped)" * random_flip)
+    vae = (
+        load_part(pretrained_model_name_or_path, "vae", revision, variant, single_file_config)
+        .to(_pick_device(device))
+        .eval()
+    )
+    table = encode_latent_table(vae, images, resolution, random_flip)
+    del vae
+    _release_memory()
+    description["image_paths"] = [str(p) for p in images]  # for people reading the sidecar; not part of the key
+    save_cache(cache_dir, "latents", key, table._asdict(), description)
+    return table
+
+
+@torch.no_grad()
+def text_embedding_cache(
+    prompts: Sequence[str],
+    pretrained_model_name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    single_file_config: str | None = None,
+) -> dict[str, Tensor]:
+    """Prompt -> (77, D) last hidden states of the frozen text encoder, from the cache or encoded now and cached."""
+    from lightning_modules.diffusion import encode_text, tokenize
+
+    prompts = sorted(set(prompts))
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    description = {
+        "kind": "text_embeddings",
+        "format": FORMAT_VERSION,
+        "prompts": prompts,
+        "tokenizer": part_fingerprint(
+            pretrained_model_name_or_path, "tokenizer", revision, variant, single_file_config
+        ),
+        "text_encoder": part_fingerprint(
+            pretrained_model_name_or_path, "text_encoder", revision, variant, single_file_config
+        ),
+    }
+    key = cache_key(description)
+    cached = load_cache(cache_dir, "text", key)
+    if cached is None:
+        from lightning_modules.sd_loading import load_part
+
+        log.info("Building the text-embedding cache: encoding %d prompts once.", len(prompts))
+        tokenizer = load_part(pretrained_model_name_or_path, "tokenizer", revision, variant, single_file_config)
+        te = load_part(pretrained_model_name_or_path, "text_encoder", revision, variant, single_file_config)
+        te = te.to(_pick_device(device)).eval()
+        embeds = encode_text(te, tokenize(tokenizer, prompts)).float().cpu()  # (P, 77, D)
+        del te
+        _release_memory()
+        cached = {"embeds": embeds}
+        save_cache(cache_dir, "text", key, cached, description)
+    return {p: cached["embeds"][i] for i, p in enumerate(prompts)}
