@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "  # a child process prints its measurements on one line starting with this
@@ -25,7 +26,8 @@ def setup_path() -> None:
 def machine() -> str:
     cpus = os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{platform.machine()} {cpus}-core CPU, load average {load:.1f} at start"
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()} {cpus}-core CPU{gpu}, load average {load:.1f} at start"
 
 
 def make_data(folder: Path, resolution: int, num_instance: int, num_class: int) -> tuple[Path, Path]:
@@ -40,6 +42,21 @@ def make_data(folder: Path, resolution: int, num_instance: int, num_class: int) 
     draw_toy_subject(instance, num_instance, resolution, seed=0)
     draw_toy_subject(klass, num_class, resolution, seed=1)
     return instance, klass
+
+
+def bench_config(folder: Path) -> Path:
+    """``configs/demo.yaml`` with a CSV logger and no extra callbacks, written into ``folder``: the benchmarks' base.
+
+    Not W&B: a benchmark logs nothing worth keeping, and a machine without wandb installed can run it.
+    """
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "."}}
+    config["trainer"]["callbacks"] = []
+    path = folder / "bench_base.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def median(values: list[float]) -> float:
@@ -65,9 +82,17 @@ class StepTimer(pl.Callback):
             self.times.append(now - self._last)
         self._last = now
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":  # the step ends when the GPU is done with it
+            torch.cuda.synchronize()
+
     def on_train_end(self, trainer, pl_module) -> None:
         steady = self.times[max(0, self.warmup - 1) :]
-        print(RESULT_PREFIX + json.dumps({"step_s": median(steady), "steps_timed": len(steady)}), flush=True)
+        result = {"step_s": median(steady), "steps_timed": len(steady)}
+        if pl_module.device.type == "cuda":  # the peak of what tensors held on the GPU, and of what torch reserved
+            result["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
+            result["cuda_peak_reserved"] = torch.cuda.max_memory_reserved()
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
 def memory_status() -> dict[str, float]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULT_PREFIX, ROOT, machine, make_data  # noqa: E402
+from bench.common import RESULT_PREFIX, ROOT, bench_config, machine, make_data  # noqa: E402
 
 LORA = ["--model.use_lora=true", "--model.gradient_checkpointing=true", "--model.trim_cpu_memory=true"]
 FULL = [
@@ -65,14 +65,16 @@ def run(name: str, overrides: list[str], data: tuple[Path, Path], args, workdir:
     """Run one configuration in a fresh process; return its peak RSS (bytes) and median step time."""
     instance, klass = data
     cmd = [
-        sys.executable, "train.py", "fit", "--config", "configs/demo.yaml",
+        sys.executable, "train.py", "fit", "--config", str(bench_config(workdir)),
         "--model.pretrained_model_name_or_path", args.model, "--model.train_text_encoder=false",
-        "--model.lora_rank=8", "--trainer.precision=32-true", "--data.cache_latents=true",
+        "--model.lora_rank=8", f"--trainer.precision={args.precision}", f"--trainer.accelerator={args.accelerator}",
+        "--data.cache_latents=true",
         "--data.resolution", str(args.resolution), "--data.batch_size=1", "--data.random_flip=false",
         "--data.instance_data_dir", str(instance), "--data.class_data_dir", str(klass), "--data.num_class_images=1",
         "--data.cache_dir", str(workdir / f"cache-{abs(hash(name))}"),
         "--trainer.max_steps", str(args.steps + 1), "--trainer.enable_progress_bar=false",
         "--trainer.enable_checkpointing=false", "--trainer.callbacks=bench.common.StepTimer",
+        "--trainer.num_sanity_val_steps=0", "--trainer.limit_val_batches=0", "--metrics.enabled=false",
         "--trainer.default_root_dir", str(workdir / "runs"), "--trainer.logger.init_args.save_dir", str(workdir / "runs"),
         "--export.enabled=false",
         *overrides,
@@ -95,15 +97,20 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     parser.add_argument("--only", help="run only the configurations whose name contains this")
+    parser.add_argument("--accelerator", default="cpu", help="cpu, or gpu: then the table adds the peak GPU memory")
+    parser.add_argument("--precision", default="32-true", help="e.g. 16-mixed or bf16-mixed on a GPU")
     args = parser.parse_args()
+    gpu = args.accelerator != "cpu"
     from lightning_modules.builtin_models import resolve_pretrained
 
     resolve_pretrained(args.model)  # build it once (minutes, ~4 GB for sd15-random) before timing anything
     configs = {k: v for k, v in CONFIGS.items() if not args.only or args.only in k}
-    print(f"# bench/memory.py: {args.model} at {args.resolution} px, fp32 on the CPU, 1 instance + 1 class image/step")
+    where = f"{args.precision} on {args.accelerator}"
+    print(f"# bench/memory.py: {args.model} at {args.resolution} px, {where}, 1 instance + 1 class image/step")
     print(f"# {machine()}, {time.strftime('%Y-%m-%d')}; GB = 10^9 bytes, GiB = 2^30 bytes")
-    print("| configuration | peak RSS (GB) | peak RSS (GiB) | step (s) | target |")
-    print("|---|---:|---:|---:|---|")
+    gpu_cols = " GPU peak allocated (GB) | GPU peak reserved (GB) |" if gpu else ""
+    print(f"| configuration | peak RSS (GB) | peak RSS (GiB) |{gpu_cols} step (s) | target |")
+    print("|---|---:|---:|" + ("---:|---:|" if gpu else "") + "---:|---|")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         data = make_data(workdir / "data", args.resolution, num_instance=1, num_class=1)
@@ -113,8 +120,9 @@ def main() -> None:
                 print(f"| {name} | failed | | | {r['error'][-300:]!r} |", flush=True)
                 continue
             gb, gib = r["peak_bytes"] / 1e9, r["peak_bytes"] / 2**30
-            verdict = "" if target is None else f"<= {target} GB: {'met' if gb <= target else 'MISSED'}"
-            print(f"| {name} | {gb:.2f} | {gib:.2f} | {r['step_s']:.1f} | {verdict} |", flush=True)
+            verdict = "" if target is None or gpu else f"<= {target} GB: {'met' if gb <= target else 'MISSED'}"
+            cells = f" {r['cuda_peak_allocated'] / 1e9:.2f} | {r['cuda_peak_reserved'] / 1e9:.2f} |" if gpu else ""
+            print(f"| {name} | {gb:.2f} | {gib:.2f} |{cells} {r['step_s']:.2f} | {verdict} |", flush=True)
 
 
 if __name__ == "__main__":

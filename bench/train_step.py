@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULT_PREFIX, ROOT, machine, make_data, median  # noqa: E402
+from bench.common import RESULT_PREFIX, ROOT, bench_config, machine, make_data, median  # noqa: E402
 
 CONFIGS: dict[str, list[str]] = {
     "LoRA + prior, cached latents + text (target)": [],
@@ -39,6 +39,14 @@ CONFIGS: dict[str, list[str]] = {
     "full UNet, AdamW fused into backward": ["--model.use_lora=false", "--model.fused_backward=true"],
 }
 COMPILE = {"LoRA + prior, torch.compile": ["--model.compile_unet=true"]}
+
+
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # the reference runs as training does
+
+
+def _sync(module) -> None:
+    if module.device.type == "cuda":  # time what the GPU did, not what was queued
+        torch.cuda.synchronize()
 
 
 class UNetReference(pl.Callback):
@@ -55,6 +63,7 @@ class UNetReference(pl.Callback):
         self._last: float | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _sync(pl_module)
         if self._last is not None:
             self.step_times.append(time.perf_counter() - self._last)  # the step, without this callback's own work
         self.unet_times.append(self._unet_forward_backward(pl_module, batch))
@@ -70,9 +79,16 @@ class UNetReference(pl.Callback):
             noisy, noise, timesteps = add_noise(module.parts.noise_scheduler, latents)
             context = module._text_context(batch)
         noisy = to_memory_format(noisy, module.hparams.channels_last)
+        _sync(module)
         start = time.perf_counter()
-        pred = module.unet(noisy, timesteps, context).sample
+        with torch.autocast(
+            module.device.type,
+            dtype=AUTOCAST.get(module.trainer.precision),
+            enabled=module.trainer.precision in AUTOCAST,
+        ):
+            pred = module.unet(noisy, timesteps, context).sample
         F.mse_loss(pred.float(), noise.float()).backward()
+        _sync(module)
         elapsed = time.perf_counter() - start
         for p in module.parameters():
             p.grad = None
@@ -87,14 +103,16 @@ class UNetReference(pl.Callback):
 def run(name: str, overrides: list[str], data: tuple[Path, Path], args, workdir: Path) -> dict:
     instance, klass = data
     cmd = [
-        sys.executable, "train.py", "fit", "--config", "configs/demo.yaml",
+        sys.executable, "train.py", "fit", "--config", str(bench_config(workdir)),
         "--model.pretrained_model_name_or_path", args.model,
         "--model.train_text_encoder=false", "--model.lora_rank=8",
+        f"--trainer.accelerator={args.accelerator}", f"--trainer.precision={args.precision}",
         "--data.resolution", str(args.resolution), "--data.batch_size=1", "--data.random_flip=true",
         "--data.instance_data_dir", str(instance), "--data.class_data_dir", str(klass), "--data.num_class_images=4",
         "--data.cache_dir", str(workdir / "cache"),
         "--trainer.max_steps", str(args.steps + 4), "--trainer.enable_progress_bar=false",
         "--trainer.enable_checkpointing=false", "--trainer.callbacks=bench.train_step.UNetReference",
+        "--trainer.num_sanity_val_steps=0", "--trainer.limit_val_batches=0", "--metrics.enabled=false",
         "--trainer.default_root_dir", str(workdir / "runs"), "--trainer.logger.init_args.save_dir", str(workdir / "runs"),
         "--export.enabled=false",
         *overrides,
@@ -113,10 +131,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration (after 4 warm-up)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on a CPU)")
     parser.add_argument("--only", help="run only the configurations whose name contains this")
+    parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
+    parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
     args = parser.parse_args()
     configs = CONFIGS | (COMPILE if args.compile else {})
     configs = {k: v for k, v in configs.items() if not args.only or args.only in k}
-    print(f"# bench/train_step.py: {args.model} at {args.resolution} px, 1 instance + 1 class row per step")
+    where = f"{args.precision} on {args.accelerator}"
+    print(f"# bench/train_step.py: {args.model} at {args.resolution} px, {where}, 1 instance + 1 class row per step")
     print(f"# {machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print("| configuration | step (ms) | UNet fwd+bwd (ms) | ratio |\n|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
