@@ -19,11 +19,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
 from lightning_modules.builtin_models import BUILTIN_PREFIX, cache_dir, resolve_pretrained
-from lightning_modules.pipeline import make_sampler
-from lightning_modules.sd_loading import SDComponents
 
 TINY_CONTROLNET = "builtin:tiny-controlnet"
 _TINY_VERSION = 1
@@ -103,22 +101,3 @@ def check_controlnet_fits(controlnet: ControlNetModel, unet: UNet2DConditionMode
 
 def _as_list(value) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def build_controlnet_pipeline(
-    parts: SDComponents, controlnet: ControlNetModel, sampler: str = "dpm++"
-) -> StableDiffusionControlNetPipeline:
-    """Wrap the live modules and ``controlnet`` (shared, not copied) in a ControlNet text-to-image pipeline."""
-    pipe = StableDiffusionControlNetPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet,
-        controlnet=controlnet,
-        scheduler=make_sampler(sampler, parts.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

@@ -14,7 +14,7 @@ from datamodules.batch import DreamBoothBatch
 from datamodules.evaluation import EvalBatch
 from datamodules.predict import PredictBatch
 from datamodules.validation import ValidationBatch
-from lightning_modules.controlnet import build_controlnet_pipeline, check_controlnet_fits, load_controlnet
+from lightning_modules.controlnet import check_controlnet_fits, load_controlnet
 from lightning_modules.diffusion import (
     add_noise,
     diffusion_target,
@@ -407,10 +407,7 @@ class DreamBoothModule(pl.LightningModule):
         self._pipe = None
 
     def on_predict_epoch_start(self) -> None:
-        if self.controlnet is not None:
-            self._pipe = build_controlnet_pipeline(self.sampling_parts(), self.controlnet, self.sampling.sampler)
-        else:
-            self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler)
+        self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler, self.controlnet)
 
     def predict_step(self, batch: PredictBatch, batch_idx: int) -> dict:
         """Render ``num_images_per_prompt`` images per prompt (with the ControlNet condition, if any)."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Literal
 
 from diffusers import (
+    ControlNetModel,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
 )
 
@@ -32,9 +34,14 @@ def make_sampler(name: str, scheduler_config: dict):
     return SAMPLERS[name].from_config(scheduler_config, **overrides)
 
 
-def build_pipeline(parts: SDComponents, sampler: str = "dpm++") -> StableDiffusionPipeline:
-    """Wrap the given modules (shared, not copied) in a ``StableDiffusionPipeline`` without a safety checker."""
-    pipe = StableDiffusionPipeline(
+def build_pipeline(
+    parts: SDComponents, sampler: str = "dpm++", controlnet: ControlNetModel | None = None
+) -> StableDiffusionPipeline | StableDiffusionControlNetPipeline:
+    """Wrap the given modules (shared, not copied) in a text-to-image pipeline without a safety checker; with a
+    ``controlnet``, a ControlNet pipeline around it."""
+    extra = {} if controlnet is None else {"controlnet": controlnet}
+    pipeline_class = StableDiffusionPipeline if controlnet is None else StableDiffusionControlNetPipeline
+    pipe = pipeline_class(
         vae=parts.vae,
         text_encoder=parts.text_encoder,
         tokenizer=parts.tokenizer,
@@ -43,6 +50,7 @@ def build_pipeline(parts: SDComponents, sampler: str = "dpm++") -> StableDiffusi
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+        **extra,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
