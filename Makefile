@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install  ## the built-in demo: a complete offline fit on the CPU (class images, LoRA training, export)
-	$(BIN)/python -m datamodules.toy_subject --out demo_data/toy_subject
+	$(BIN)/python -m datamodules.toy_subject --out demo_data/toy_subject --resolution 32
 	$(BIN)/python train.py fit --config configs/demo.yaml
 
 test: install  ## the test suite (CPU, offline, tiny models)

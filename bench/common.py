@@ -45,13 +45,13 @@ def make_data(folder: Path, resolution: int, num_instance: int, num_class: int) 
 
 
 def bench_config(folder: Path) -> Path:
-    """``configs/demo.yaml`` with a CSV logger and no extra callbacks, written into ``folder``: the benchmarks' base.
+    """``configs/tiny.yaml`` with a CSV logger and no extra callbacks, written into ``folder``: the benchmarks' base.
 
     Not W&B: a benchmark logs nothing worth keeping, and a machine without wandb installed can run it.
     """
     import yaml
 
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "."}}
     config["trainer"]["callbacks"] = []
     path = folder / "bench_base.yaml"

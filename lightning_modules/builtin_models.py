@@ -9,6 +9,8 @@ No machine here reaches a model hub, so tests, the demo and memory benchmarks us
   size 128 px, for speed benchmarks: large enough that the UNet dominates a training step.
 - ``builtin:sd15-random``: the real SD 1.5 architecture with random weights (about 4 GB in float32), for
   memory and speed benchmarks. Built only when asked for.
+- ``builtin:toy-sd``: a small SD 1.x pretrained on the toy world (:mod:`datamodules.toy_world`, 32 px), its
+  weights in the repository (``models/toy-world-v1``, made by ``scripts/pretrain_toy.py``).
 
 :func:`resolve_pretrained` turns a built-in name into a local diffusers folder (built once into a cache and
 reused), so every loader takes the one ``from_pretrained`` code path. Other strings pass through unchanged.
@@ -170,6 +172,14 @@ def _sd15_configs() -> dict[str, dict[str, Any]]:
     }
 
 
+def _toy_configs() -> dict[str, dict[str, Any]]:
+    from lightning_modules.toy_models import toy_sd_configs, toy_vae_scaling_factor
+
+    cfg = toy_sd_configs()
+    cfg["vae"]["scaling_factor"] = toy_vae_scaling_factor()
+    return cfg
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     """A registered built-in model. Bump ``version`` whenever what the builder writes changes."""
@@ -178,6 +188,7 @@ class BuiltinModel:
     version: int
     description: str
     configs: Callable[[], dict[str, dict[str, Any]]]
+    pretrained: bool = False  # weights from the repository's models/ folder (the toy world), else fixed-seed random
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -187,6 +198,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         BuiltinModel("tiny-sd-v", 1, "tiny SD 1.x, v_prediction, 64 px", lambda: _tiny_sd_configs("v_prediction")),
         BuiltinModel("small-sd", 1, "small SD 1.x for speed benchmarks, 128 px", _small_sd_configs),
         BuiltinModel("sd15-random", 1, "SD 1.5 architecture, random weights (~4 GB fp32)", _sd15_configs),
+        BuiltinModel(
+            "toy-sd", 1, "toy SD pretrained on the toy world (models/toy-world-v1), 32 px", _toy_configs, True
+        ),
     )
 }
 
@@ -216,7 +230,12 @@ def cache_dir() -> Path:
 def builtin_path(name: str) -> Path:
     """The cache folder of a built-in model (which may not exist yet)."""
     model = _lookup(name)
-    return cache_dir() / "builtin" / f"{model.name}-v{model.version}"
+    suffix = ""
+    if model.pretrained:  # the build copies the repository's weights: a new set of weights is a new folder
+        from lightning_modules.toy_models import weights_fingerprint
+
+        suffix = f"-{weights_fingerprint()}"
+    return cache_dir() / "builtin" / f"{model.name}-v{model.version}{suffix}"
 
 
 def build_builtin(name: str, out_dir: str | Path) -> None:
@@ -246,6 +265,11 @@ def build_builtin(name: str, out_dir: str | Path) -> None:
         vae = AutoencoderKL(**cfg["vae"])
         torch.manual_seed(SEED + 2)
         text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    if _lookup(name).pretrained:
+        from lightning_modules.toy_models import load_weights
+
+        for module, part in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
+            load_weights(module, part)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder.eval(),

@@ -22,6 +22,8 @@ from torchvision.transforms import InterpolationMode
 BUILTIN_PREFIX = "builtin:"
 TINY_DINO = "builtin:tiny-dino"
 TINY_CLIP = "builtin:tiny-clip"
+TOY_DINO = "builtin:toy-dino"  # trained on the toy world (lightning_modules/toy_models.py)
+TOY_CLIP = "builtin:toy-clip"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _BUILTIN_SEED = 0
@@ -253,8 +255,13 @@ def load_dino(name: str = "facebook/dino-vits16") -> DinoEncoder:
     """
     if name == TINY_DINO:
         model = _tiny_dino()
+    elif name == TOY_DINO:
+        from lightning_modules.toy_models import TOY_RESOLUTION, build_toy_dino, load_weights
+
+        model = load_weights(build_toy_dino(), "toy_dino")
+        return DinoEncoder(model, name=name, resize=TOY_RESOLUTION, crop=TOY_RESOLUTION)
     elif name.startswith(BUILTIN_PREFIX):
-        raise ValueError(f"unknown built-in DINO encoder {name!r}; available: {TINY_DINO}")
+        raise ValueError(f"unknown built-in DINO encoder {name!r}; available: {TINY_DINO}, {TOY_DINO}")
     else:
         from transformers import ViTModel
 
@@ -273,8 +280,13 @@ def load_clip(name: str = "ViT-B-32", pretrained: str | None = "openai") -> Clip
     """
     if name == TINY_CLIP:
         return ClipEncoder(_tiny_clip(), open_clip.SimpleTokenizer(context_length=77), name=name)
+    if name == TOY_CLIP:
+        from lightning_modules.toy_models import build_toy_clip, load_weights
+
+        model = load_weights(build_toy_clip(), "toy_clip")
+        return ClipEncoder(model, open_clip.SimpleTokenizer(context_length=77), name=name)
     if name.startswith(BUILTIN_PREFIX):
-        raise ValueError(f"unknown built-in CLIP encoder {name!r}; available: {TINY_CLIP}")
+        raise ValueError(f"unknown built-in CLIP encoder {name!r}; available: {TINY_CLIP}, {TOY_CLIP}")
     model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=pretrained is not None)
     label = f"open_clip:{name}" + (f"/{pretrained}" if pretrained and not name.startswith("hf-hub:") else "")
     return ClipEncoder(model, open_clip.get_tokenizer(name), name=label)

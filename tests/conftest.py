@@ -50,7 +50,7 @@ def fit_args(run_dir: Path, instance_dir: Path, class_dir: Path, *overrides: str
     """CLI arguments for a short, complete demo-style fit writing into ``run_dir``."""
     return [
         "fit",
-        "--config", str(ROOT / "configs" / "demo.yaml"),
+        "--config", str(ROOT / "configs" / "tiny.yaml"),
         "--trainer.max_steps", str(steps),
         "--trainer.default_root_dir", str(run_dir),
         # CSV by default (fast); the W&B tests set the logger back to W&B (offline).
@@ -100,7 +100,7 @@ def lora_export(tmp_path_factory, toy_subject_dir, class_images_dir) -> Path:
     cli = cli_main(
         [
             "fit",
-            "--config", str(ROOT / "configs" / "demo.yaml"),
+            "--config", str(ROOT / "configs" / "tiny.yaml"),
             "--trainer.max_steps", "2",
             "--trainer.default_root_dir", str(tmp / "runs"),
             "--trainer.logger=lightning.pytorch.loggers.CSVLogger",

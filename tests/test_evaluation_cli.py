@@ -46,7 +46,7 @@ def bench_dir(tmp_path_factory) -> Path:
 def _test_args(tmp_path: Path, toy_subject_dir: Path, *overrides: str) -> list[str]:
     return [
         "test",
-        "--config", str(ROOT / "configs" / "demo.yaml"),
+        "--config", str(ROOT / "configs" / "tiny.yaml"),
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         "--trainer.logger.save_dir", str(tmp_path / "runs"),
         "--trainer.default_root_dir", str(tmp_path / "runs"),

@@ -22,7 +22,7 @@ def predict(tmp_path, toy_subject_dir):
     the folder. The first ``--config`` may be replaced, e.g. by a run's own config.yaml."""
     count = iter(range(100))
 
-    def run(*overrides: str, config: Path = ROOT / "configs" / "demo.yaml") -> Path:
+    def run(*overrides: str, config: Path = ROOT / "configs" / "tiny.yaml") -> Path:
         out = tmp_path / f"out{next(count)}"
         cli_main(
             [

@@ -1,0 +1,189 @@
+"""The toy world's models: their sizes (one place), builders, and loading of the pretrained weights.
+
+``scripts/pretrain_toy.py`` builds them with these functions and trains them on :mod:`datamodules.toy_world`; the
+trained weights live in the repository (``models/toy-world-v1/``, float16 safetensors with their recipe and log)
+and are reached as ``builtin:toy-sd`` (a diffusers folder, see :mod:`lightning_modules.builtin_models`),
+``builtin:toy-dino`` and ``builtin:toy-clip`` (see :mod:`metrics.encoders`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+TOY_RESOLUTION = 32
+TOY_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "toy-world-v1"
+
+# The SD 1.x noise schedule (as in stable-diffusion-v1-5's scheduler_config.json).
+TOY_SCHEDULER: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "skip_prk_steps": True,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "trained_betas": None,
+    "timestep_spacing": "leading",
+}
+
+
+def toy_sd_configs() -> dict[str, dict[str, Any]]:
+    """Component configs of the toy SD: 32 px images, 8 x 8 x 4 latents."""
+    return {
+        "unet": {
+            "sample_size": TOY_RESOLUTION // 4,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": (64, 128),
+            "layers_per_block": 1,
+            # Cross-attention on the 4 x 4 level only: on a 2-core CPU, attention at 8 x 8 doubles the step time.
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * 3,
+            "up_block_types": ("UpDecoderBlock2D",) * 3,
+            "block_out_channels": (32, 64, 64),
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 16,
+            "sample_size": TOY_RESOLUTION,
+        },
+        "text_encoder": {
+            "vocab_size": 49408,
+            "max_position_embeddings": 77,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 49407,
+            "hidden_size": 32,  # the 49408-token embedding is most of its size
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "projection_dim": 32,
+            "hidden_act": "quick_gelu",
+        },
+        "scheduler": dict(TOY_SCHEDULER),
+    }
+
+
+def _seeded(build, seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def build_toy_sd(seed: int = 0) -> dict[str, nn.Module]:
+    """Freshly initialised ``vae``, ``unet``, ``text_encoder`` and the training scheduler ``sched``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = toy_sd_configs()
+    return {
+        "vae": _seeded(lambda: AutoencoderKL(**cfg["vae"]), seed),
+        "unet": _seeded(lambda: UNet2DConditionModel(**cfg["unet"]), seed + 1),
+        "text_encoder": _seeded(lambda: CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])), seed + 2),
+        "sched": DDPMScheduler.from_config(cfg["scheduler"]),
+    }
+
+
+def toy_tokenizer():
+    """The real CLIP tokenizer (written from open_clip's BPE vocabulary, as for every built-in model)."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    from lightning_modules.clip_tokenizer import write_clip_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp)
+
+
+def build_toy_clip(seed: int = 0) -> nn.Module:
+    """An open_clip ``CLIP`` for 32 px images with the preprocessing the metric reads (bicubic, CLIP mean / std)."""
+    import open_clip
+
+    vision_cfg = {"image_size": TOY_RESOLUTION, "layers": 3, "width": 64, "patch_size": 8}
+    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}
+    model = _seeded(lambda: open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg), seed + 3)
+    open_clip.set_model_preprocess_cfg(
+        model,
+        {
+            "size": TOY_RESOLUTION,
+            "mode": "RGB",
+            "mean": open_clip.OPENAI_DATASET_MEAN,
+            "std": open_clip.OPENAI_DATASET_STD,
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+            "fill_color": 0,
+        },
+    )
+    return model
+
+
+def build_toy_dino(seed: int = 0) -> nn.Module:
+    """A small ``ViTModel`` for 32 px images (patch 4), read through its CLS token like DINO."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=128,
+        patch_size=4,
+        image_size=TOY_RESOLUTION,
+    )
+    return _seeded(lambda: ViTModel(config, add_pooling_layer=False), seed + 4)
+
+
+def weights_folder() -> Path:
+    """The toy world's weights: ``models/toy-world-v1``, or ``$DREAMBOOTH_TOY_WEIGHTS`` (another pretraining's output)."""
+    import os
+
+    return Path(os.environ.get("DREAMBOOTH_TOY_WEIGHTS") or TOY_WEIGHTS)
+
+
+def load_weights(module: nn.Module, name: str, folder: Path | None = None) -> nn.Module:
+    """Load ``<folder>/<name>.safetensors`` (float16 on disk) into ``module`` in float32; strict."""
+    from safetensors.torch import load_file
+
+    folder = folder or weights_folder()
+    path = folder / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The toy world's weights {path} are missing: they come with the repository (git checkout), or are made "
+            "by `python -m scripts.pretrain_toy --out models/toy-world-v1`."
+        )
+    state = {k: v.float() for k, v in load_file(path).items()}
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def weights_fingerprint(folder: Path | None = None) -> str:
+    """A short hash of the SD weight files and the recipe (size and bytes), so a cached build is never stale."""
+    import hashlib
+
+    folder = folder or weights_folder()
+    digest = hashlib.sha256()
+    for name in ("unet", "vae", "text_encoder"):
+        path = folder / f"{name}.safetensors"
+        digest.update(path.read_bytes() if path.is_file() else b"missing")
+    recipe = folder / "recipe.json"
+    digest.update(recipe.read_bytes() if recipe.is_file() else b"missing")
+    return digest.hexdigest()[:10]
+
+
+def toy_vae_scaling_factor(folder: Path | None = None) -> float:
+    folder = folder or weights_folder()
+    return float(json.loads((folder / "recipe.json").read_text())["vae_scaling_factor"])
