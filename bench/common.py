@@ -120,3 +120,37 @@ class MemoryTrace(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._print(f"after step {trainer.global_step}")
+
+
+def toy_fit(tmp_path: Path, subject: Path, class_dir: Path, *overrides: str, steps: int):
+    """A ``configs/demo.yaml`` fit on the toy model through the CLI, validating at step 0 and at the last step.
+
+    Returns the CLI (its ``model`` is the trained module) and the validation rows of metrics.csv by step.
+    """
+    import csv
+
+    from callbacks.run_dir import run_dir
+    from train import cli_main
+
+    cli = cli_main(
+        [
+            "fit",
+            "--config", str(ROOT / "configs" / "demo.yaml"),
+            "--trainer.max_steps", str(steps),
+            "--trainer.val_check_interval", str(steps),
+            "--trainer.default_root_dir", str(tmp_path / "runs"),
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir", str(tmp_path / "runs"),
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_checkpointing", "false",
+            "--trainer.enable_model_summary", "false",
+            "--trainer.callbacks=[]",
+            "--export.enabled", "false",
+            "--data.instance_data_dir", str(subject),
+            "--data.class_data_dir", str(class_dir),
+            *overrides,
+        ]
+    )  # fmt: skip
+    with open(run_dir(cli.trainer) / "metrics.csv") as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f) if r.get("val/dino")}
+    return cli, rows
