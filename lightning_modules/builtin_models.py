@@ -34,7 +34,7 @@ DEFAULT_CACHE = Path("~/.cache/dreambooth_lightning")
 SEED = 0
 
 # The SD 1.x scheduler config (as in stable-diffusion-v1-5's scheduler/scheduler_config.json).
-_SD1_SCHEDULER: dict[str, Any] = {
+SD1_SCHEDULER: dict[str, Any] = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
@@ -48,7 +48,7 @@ _SD1_SCHEDULER: dict[str, Any] = {
 }
 
 # A CLIP text encoder that fits the real CLIP tokenizer (49408 tokens, 77 positions).
-_CLIP_TEXT_COMMON: dict[str, Any] = {
+CLIP_TEXT_COMMON: dict[str, Any] = {
     "vocab_size": 49408,
     "max_position_embeddings": 77,
     "bos_token_id": 49406,
@@ -83,7 +83,7 @@ def _tiny_sd_configs(prediction_type: str = "epsilon") -> dict[str, dict[str, An
             "sample_size": 64,
         },
         "text_encoder": {
-            **_CLIP_TEXT_COMMON,
+            **CLIP_TEXT_COMMON,
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_hidden_layers": 2,
@@ -91,7 +91,7 @@ def _tiny_sd_configs(prediction_type: str = "epsilon") -> dict[str, dict[str, An
             "projection_dim": 32,
             "hidden_act": "quick_gelu",
         },
-        "scheduler": {**_SD1_SCHEDULER, "prediction_type": prediction_type},
+        "scheduler": {**SD1_SCHEDULER, "prediction_type": prediction_type},
     }
 
 
@@ -122,7 +122,7 @@ def _small_sd_configs() -> dict[str, dict[str, Any]]:
             "sample_size": 128,
         },
         "text_encoder": {
-            **_CLIP_TEXT_COMMON,
+            **CLIP_TEXT_COMMON,
             "hidden_size": 64,
             "intermediate_size": 256,
             "num_hidden_layers": 2,
@@ -130,7 +130,7 @@ def _small_sd_configs() -> dict[str, dict[str, Any]]:
             "projection_dim": 64,
             "hidden_act": "quick_gelu",
         },
-        "scheduler": dict(_SD1_SCHEDULER),
+        "scheduler": dict(SD1_SCHEDULER),
     }
 
 
@@ -160,7 +160,7 @@ def _sd15_configs() -> dict[str, dict[str, Any]]:
             "sample_size": 512,
         },
         "text_encoder": {
-            **_CLIP_TEXT_COMMON,
+            **CLIP_TEXT_COMMON,
             "hidden_size": 768,
             "intermediate_size": 3072,
             "num_hidden_layers": 12,
@@ -168,7 +168,7 @@ def _sd15_configs() -> dict[str, dict[str, Any]]:
             "projection_dim": 768,
             "hidden_act": "quick_gelu",
         },
-        "scheduler": dict(_SD1_SCHEDULER),
+        "scheduler": dict(SD1_SCHEDULER),
     }
 
 

@@ -8,6 +8,8 @@ and are reached as ``builtin:toy-sd`` (a diffusers folder, see :mod:`lightning_m
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,22 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_modules.builtin_models import CLIP_TEXT_COMMON, SD1_SCHEDULER
+
 TOY_RESOLUTION = 32
 TOY_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "toy-world-v1"
-
-# The SD 1.x noise schedule (as in stable-diffusion-v1-5's scheduler_config.json).
-TOY_SCHEDULER: dict[str, Any] = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "skip_prk_steps": True,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "trained_betas": None,
-    "timestep_spacing": "leading",
-}
 
 
 def toy_sd_configs() -> dict[str, dict[str, Any]]:
@@ -61,11 +51,7 @@ def toy_sd_configs() -> dict[str, dict[str, Any]]:
             "sample_size": TOY_RESOLUTION,
         },
         "text_encoder": {
-            "vocab_size": 49408,
-            "max_position_embeddings": 77,
-            "bos_token_id": 49406,
-            "eos_token_id": 49407,
-            "pad_token_id": 49407,
+            **CLIP_TEXT_COMMON,
             "hidden_size": 32,  # the 49408-token embedding is most of its size
             "intermediate_size": 128,
             "num_hidden_layers": 2,
@@ -73,7 +59,7 @@ def toy_sd_configs() -> dict[str, dict[str, Any]]:
             "projection_dim": 32,
             "hidden_act": "quick_gelu",
         },
-        "scheduler": dict(TOY_SCHEDULER),
+        "scheduler": dict(SD1_SCHEDULER),
     }
 
 
@@ -114,22 +100,13 @@ def build_toy_clip(seed: int = 0) -> nn.Module:
     """An open_clip ``CLIP`` for 32 px images with the preprocessing the metric reads (bicubic, CLIP mean / std)."""
     import open_clip
 
+    from metrics.encoders import attach_clip_preprocess
+
     vision_cfg = {"image_size": TOY_RESOLUTION, "layers": 3, "width": 64, "patch_size": 8}
     text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}
-    model = _seeded(lambda: open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg), seed + 3)
-    open_clip.set_model_preprocess_cfg(
-        model,
-        {
-            "size": TOY_RESOLUTION,
-            "mode": "RGB",
-            "mean": open_clip.OPENAI_DATASET_MEAN,
-            "std": open_clip.OPENAI_DATASET_STD,
-            "interpolation": "bicubic",
-            "resize_mode": "shortest",
-            "fill_color": 0,
-        },
+    return attach_clip_preprocess(
+        _seeded(lambda: open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg), seed + 3)
     )
-    return model
 
 
 def build_toy_dino(seed: int = 0) -> nn.Module:
@@ -170,17 +147,28 @@ def load_weights(module: nn.Module, name: str, folder: Path | None = None) -> nn
     return module
 
 
-def weights_fingerprint(folder: Path | None = None) -> str:
-    """A short hash of the SD weight files and the recipe (size and bytes), so a cached build is never stale."""
-    import hashlib
+_FINGERPRINTED = ("unet.safetensors", "vae.safetensors", "text_encoder.safetensors", "recipe.json")
 
+
+def weights_fingerprint(folder: Path | None = None) -> str:
+    """A short hash of the SD weight files and the recipe, so a cached build is never stale.
+
+    Hashed once per state of the files (their size and modification time): every load resolves the name again.
+    """
     folder = folder or weights_folder()
+    stats = tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None for p in _files(folder))
+    return _hash_files(folder, stats)
+
+
+def _files(folder: Path) -> list[Path]:
+    return [folder / name for name in _FINGERPRINTED]
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_files(folder: Path, stats: tuple) -> str:
     digest = hashlib.sha256()
-    for name in ("unet", "vae", "text_encoder"):
-        path = folder / f"{name}.safetensors"
-        digest.update(path.read_bytes() if path.is_file() else b"missing")
-    recipe = folder / "recipe.json"
-    digest.update(recipe.read_bytes() if recipe.is_file() else b"missing")
+    for path, stat in zip(_files(folder), stats, strict=True):
+        digest.update(path.read_bytes() if stat is not None else b"missing")
     return digest.hexdigest()[:10]
 
 

@@ -226,11 +226,9 @@ def _tiny_dino() -> nn.Module:
     return _seeded(lambda: ViTModel(config, add_pooling_layer=False))
 
 
-def _tiny_clip() -> nn.Module:
-    vision_cfg = {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16}
-    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
-    model = _seeded(lambda: open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg))
-    # What open_clip.create_model attaches after building; bicubic resize to the shorter side, CLIP mean / std.
+def attach_clip_preprocess(model: nn.Module) -> nn.Module:
+    """Attach what ``open_clip.create_model`` would to a model built by hand: bicubic resize of the shorter side to
+    the model's image size, CLIP mean / std (read back by :class:`ClipEncoder`)."""
     open_clip.set_model_preprocess_cfg(
         model,
         {
@@ -244,6 +242,14 @@ def _tiny_clip() -> nn.Module:
         },
     )
     return model
+
+
+def _tiny_clip() -> nn.Module:
+    vision_cfg = {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16}
+    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+    return attach_clip_preprocess(
+        _seeded(lambda: open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg))
+    )
 
 
 def load_dino(name: str = "facebook/dino-vits16") -> DinoEncoder:

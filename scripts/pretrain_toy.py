@@ -78,6 +78,11 @@ class Log:
         self.writer.writerow(["phase", "step", "loss", "seconds"])
         self.start = time.perf_counter()
 
+    def every(self, phase: str, step: int, total: int, loss: torch.Tensor, interval: int = 200) -> None:
+        """Log every ``interval`` steps and the last one (reading the loss only then: a sync on a GPU)."""
+        if step % interval == 0 or step == total - 1:
+            self(phase, step, loss.item())
+
     def __call__(self, phase: str, step: int, loss: float) -> None:
         elapsed = time.perf_counter() - self.start
         self.writer.writerow([phase, step, f"{loss:.5f}", f"{elapsed:.1f}"])
@@ -120,8 +125,7 @@ def train_vae(vae, pixels: torch.Tensor, r: Recipe, device, log: Log, g: torch.G
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 200 == 0 or step == r.vae_steps - 1:
-            log("vae", step, loss.item())
+        log.every("vae", step, r.vae_steps, loss)
     vae.eval()
 
 
@@ -167,8 +171,7 @@ def train_unet(parts, latents, captions: list[str], r: Recipe, device, log: Log,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
         opt.step()
-        if step % 200 == 0 or step == r.unet_steps - 1:
-            log("unet", step, loss.item())
+        log.every("unet", step, r.unet_steps, loss)
     unet.eval()
     text_encoder.eval()
 
@@ -194,6 +197,8 @@ def train_clip(model, images01: torch.Tensor, captions: list[str], r: Recipe, de
     prep = ClipEncoder(model, tokenize, "toy").preprocess  # the metric's own preprocessing
     model.requires_grad_(True).train()
     opt = torch.optim.AdamW(model.parameters(), lr=r.clip_lr, weight_decay=0.1)
+    caption_ids = {c: i for i, c in enumerate(sorted(set(captions)))}
+    caption_of = torch.tensor([caption_ids[c] for c in captions])  # (N,) equal ids = identical captions
     for step, idx in enumerate(batches(len(images01), r.clip_batch, r.clip_steps, g)):
         set_lr(opt, [lr_at(step, r.clip_steps, r.clip_lr, r.warmup_steps)])
         pixels = prep(_augment(images01[idx], g)).to(device)
@@ -202,14 +207,14 @@ def train_clip(model, images01: torch.Tensor, captions: list[str], r: Recipe, de
         txt = F.normalize(model.encode_text(text), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
         # Identical captions are positives of each other (the world repeats short captions).
-        same = torch.tensor([[captions[i] == captions[j] for j in idx.tolist()] for i in idx.tolist()], device=device)
+        ids = caption_of[idx]
+        same = (ids[:, None] == ids[None, :]).to(device)  # (B, B)
         target = same.float() / same.float().sum(1, keepdim=True)
         loss = (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean()) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 200 == 0 or step == r.clip_steps - 1:
-            log("toy_clip", step, loss.item())
+        log.every("toy_clip", step, r.clip_steps, loss)
     model.eval()
 
 
@@ -234,8 +239,7 @@ def train_dino(model, images01: torch.Tensor, r: Recipe, device, log: Log, g) ->
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 200 == 0 or step == r.dino_steps - 1:
-            log("toy_dino", step, loss.item())
+        log.every("toy_dino", step, r.dino_steps, loss)
     model.eval()
 
 
