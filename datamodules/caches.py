@@ -253,12 +253,13 @@ def text_embedding_cache(
     key = cache_key(description)
     cached = load_cache(cache_dir, "text", key)
     if cached is None:
-        from lightning_modules.sd_loading import load_part
+        from lightning_modules.sd_loading import load_parts
 
         log.info("Building the text-embedding cache: encoding %d prompts once.", len(prompts))
-        tokenizer = load_part(pretrained_model_name_or_path, "tokenizer", revision, variant, single_file_config)
-        te = load_part(pretrained_model_name_or_path, "text_encoder", revision, variant, single_file_config)
-        te = te.to(_pick_device(device)).eval()
+        loaded = load_parts(
+            pretrained_model_name_or_path, ["tokenizer", "text_encoder"], revision, variant, single_file_config
+        )
+        tokenizer, te = loaded["tokenizer"], loaded["text_encoder"].to(_pick_device(device)).eval()
         embeds = encode_text(te, tokenize(tokenizer, prompts)).float().cpu()  # (P, 77, D)
         del te
         _release_memory()

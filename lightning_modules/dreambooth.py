@@ -45,7 +45,7 @@ from lightning_modules.optim import OptimizerName, SchedulerName, build_lr_sched
 from lightning_modules.pipeline import build_pipeline
 from lightning_modules.rng_state import capture_rng_states, restore_rng_states
 from lightning_modules.sampling import SamplingSettings, image_seed, render
-from lightning_modules.sd_loading import SDComponents, load_components, load_part
+from lightning_modules.sd_loading import SDComponents, load_components, load_parts
 
 # Lightning precision setting -> dtype in which the frozen modules are held and run.
 FROZEN_DTYPES = {
@@ -232,26 +232,33 @@ class DreamBoothModule(pl.LightningModule):
 
         Training needs them only for batches without cached latents / text embeddings; sampling needs them.
         """
-        module = getattr(self, name)
-        if module is None:
+        self._hold_frozen([name])
+        return getattr(self, name)
+
+    def sampling_parts(self) -> SDComponents:
+        """All the parts, the frozen ones loaded: what a sampling pipeline (``build_pipeline``) needs."""
+        self._hold_frozen(["vae", "text_encoder"])
+        return self.parts
+
+    def _hold_frozen(self, names: list[str]) -> None:
+        """Make ``names`` held on this module's device: from the CPU park, or loaded together in one read."""
+        hp = self.hparams
+        to_load = [n for n in names if getattr(self, n) is None and n not in self._parked]
+        loaded = (
+            load_parts(hp.pretrained_model_name_or_path, to_load, hp.revision, hp.variant, hp.single_file_config)
+            if to_load
+            else {}
+        )
+        for name in names:
+            if getattr(self, name) is not None:
+                continue
             module = self._parked.pop(name, None)
             if module is None:
-                hp = self.hparams
-                module = load_part(
-                    hp.pretrained_model_name_or_path, name, hp.revision, hp.variant, hp.single_file_config
-                )
-                module.requires_grad_(False).eval()
+                module = loaded[name].requires_grad_(False).eval()
                 self._cast_frozen(module)
             module.to(self.device)
             setattr(self, name, module)
             setattr(self.parts, name, module)
-        return module
-
-    def sampling_parts(self) -> SDComponents:
-        """All the parts, the frozen ones loaded: what a sampling pipeline (``build_pipeline``) needs."""
-        self.frozen("vae")
-        self.frozen("text_encoder")
-        return self.parts
 
     def release_frozen(self) -> None:
         """Free the training device of the frozen VAE and text encoder: moved to the CPU (for a quick reuse by

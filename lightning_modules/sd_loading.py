@@ -69,6 +69,35 @@ PART_SUBFOLDERS = {"noise_scheduler": "scheduler"}
 WEIGHTED_PARTS = ("text_encoder", "vae", "unet")  # the parts with weight files (and a ``variant``)
 
 
+def load_parts(
+    pretrained_model_name_or_path: str,
+    parts: list[str] | tuple[str, ...],
+    revision: str | None = None,
+    variant: str | None = None,
+    single_file_config: str | None = None,
+) -> dict:
+    """Load some parts (``tokenizer``, ``text_encoder``, ``vae``, ``unet``, ``noise_scheduler``), in float32.
+
+    A single-file checkpoint holds every part, so it is read once for all of them; ``single_file_config`` (a
+    diffusers folder or hub id describing the architecture) is used only then, ``revision`` and ``variant`` only
+    otherwise.
+    """
+    path = check_model_path(pretrained_model_name_or_path)  # fail early, before any part loads
+    if os.path.isfile(path):
+        pipe = load_single_file_pipeline(path, single_file_config)
+        return {
+            part: DDPMScheduler.from_config(pipe.scheduler.config) if part == "noise_scheduler" else getattr(pipe, part)
+            for part in parts
+        }
+    loaded = {}
+    for part in parts:
+        kw = {"subfolder": PART_SUBFOLDERS.get(part, part), "revision": revision}
+        if part in WEIGHTED_PARTS:
+            kw["variant"] = variant
+        loaded[part] = PART_CLASSES[part].from_pretrained(path, **kw)
+    return loaded
+
+
 def load_part(
     pretrained_model_name_or_path: str,
     part: str,
@@ -76,17 +105,8 @@ def load_part(
     variant: str | None = None,
     single_file_config: str | None = None,
 ):
-    """Load one part (``tokenizer``, ``text_encoder``, ``vae``, ``unet`` or ``noise_scheduler``), in float32."""
-    path = check_model_path(pretrained_model_name_or_path)
-    if os.path.isfile(path):  # a single-file checkpoint holds every part: read it whole, keep the one asked for
-        pipe = load_single_file_pipeline(path, single_file_config)
-        if part == "noise_scheduler":
-            return DDPMScheduler.from_config(pipe.scheduler.config)
-        return getattr(pipe, part)
-    kw = {"subfolder": PART_SUBFOLDERS.get(part, part), "revision": revision}
-    if part in WEIGHTED_PARTS:
-        kw["variant"] = variant
-    return PART_CLASSES[part].from_pretrained(path, **kw)
+    """Load one part, in float32 (see :func:`load_parts`)."""
+    return load_parts(pretrained_model_name_or_path, [part], revision, variant, single_file_config)[part]
 
 
 def load_components(
@@ -100,29 +120,16 @@ def load_components(
     """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler, all in float32.
 
     ``with_vae`` / ``with_text_encoder`` false leave those parts ``None`` (not loaded), for training on cached
-    latents / text embeddings. ``single_file_config`` (a diffusers folder or hub id describing the architecture) is
-    used only when the model is a single-file checkpoint; ``revision`` and ``variant`` only when it is not.
+    latents / text embeddings.
     """
-    path = check_model_path(pretrained_model_name_or_path)  # fail early, before any part loads
-    if os.path.isfile(path):
-        pipe = load_single_file_pipeline(path, single_file_config)
-        return SDComponents(
-            tokenizer=pipe.tokenizer,
-            text_encoder=pipe.text_encoder if with_text_encoder else None,
-            vae=pipe.vae if with_vae else None,
-            unet=pipe.unet,
-            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        )
-
-    def load(part: str):
-        return load_part(pretrained_model_name_or_path, part, revision, variant)
-
+    names = ["tokenizer", "unet", "noise_scheduler"] + ["vae"] * with_vae + ["text_encoder"] * with_text_encoder
+    loaded = load_parts(pretrained_model_name_or_path, names, revision, variant, single_file_config)
     return SDComponents(
-        tokenizer=load("tokenizer"),
-        text_encoder=load("text_encoder") if with_text_encoder else None,
-        vae=load("vae") if with_vae else None,
-        unet=load("unet"),
-        noise_scheduler=load("noise_scheduler"),
+        tokenizer=loaded["tokenizer"],
+        text_encoder=loaded.get("text_encoder"),
+        vae=loaded.get("vae"),
+        unet=loaded["unet"],
+        noise_scheduler=loaded["noise_scheduler"],
     )
 
 

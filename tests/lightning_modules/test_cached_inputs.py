@@ -55,7 +55,7 @@ def test_training_on_cached_inputs_loads_no_frozen_encoder(tmp_path, toy_subject
     def refuse(*args, **kwargs):
         raise AssertionError("a frozen encoder was loaded")
 
-    monkeypatch.setattr("lightning_modules.dreambooth.load_part", refuse)
+    monkeypatch.setattr("lightning_modules.dreambooth.load_parts", refuse)
     loss = module.training_step(collate([CachedLatentDataset(ds, table)[0]]), 0)
     loss.backward()
     assert module.vae is None and module.text_encoder is None and torch.isfinite(loss)
