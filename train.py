@@ -1,8 +1,14 @@
-"""Entry point: ``python train.py {fit,validate,test,predict} --config configs/<x>.yaml [--section.option value]``."""
+"""Entry point: ``python train.py {fit,validate,test,predict} --config configs/<x>.yaml [--section.option value]``.
+
+A user-input error (a missing or unreadable file, a bad option value, incompatible settings) prints as
+``error: <message>`` and exits with status 2; ``--debug`` (or ``DREAMBOOTH_DEBUG=1``) prints its traceback.
+"""
 
 from __future__ import annotations
 
 import operator
+import pickle
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -15,7 +21,9 @@ from callbacks.render import RenderWriter
 from callbacks.run_dir import SaveRunConfig
 from callbacks.wandb_offline import start_wandb_or_go_offline
 from datamodules import DreamBoothDataModule
-from lightning_modules.dreambooth import DreamBoothModule
+from lightning_modules.dreambooth import DreamBoothModule, check_training_precision
+from lightning_modules.errors import report_user_errors
+from lightning_modules.safe_files import safe_torch_load
 
 # How to render, not what was trained: with --ckpt_path, these keep the command's values (see _parse_ckpt_path).
 RENDER_OPTIONS = ("sampling", "lora_weights", "controlnet")
@@ -45,12 +53,20 @@ class DreamBoothCLI(LightningCLI):
         start_wandb_or_go_offline(trainer.loggers)  # no API key or no network: log offline, with one warning
         return trainer
 
+    def before_fit(self) -> None:
+        # Before prepare_data, which may generate class images for minutes.
+        check_training_precision(str(self.trainer.precision))
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI replaces every model option with the checkpoint's hyperparameters, which rebuilds the model as
         it was trained; the render options (guidance, LoRA scales, sampler, ControlNet, ...) stay as given here."""
         subcommand = self.config.get("subcommand")
         given = {name: self.config[subcommand]["model"].get(name) for name in RENDER_OPTIONS} if subcommand else {}
-        super()._parse_ckpt_path()
+        try:
+            super()._parse_ckpt_path()  # torch.load(weights_only=True) of the checkpoint's hyperparameters
+        except pickle.UnpicklingError:
+            safe_torch_load(self.config[subcommand]["ckpt_path"])  # raises UnsafeCheckpointError, which says why
+            raise
         for name, value in given.items():
             self.config[subcommand]["model"][name] = value
 
@@ -65,5 +81,10 @@ def cli_main(args: list[str] | None = None) -> DreamBoothCLI:
     )
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``cli_main`` for the command line: a user-input error prints as ``error: <message>`` and returns 2."""
+    return report_user_errors(cli_main, argv)
+
+
 if __name__ == "__main__":
-    cli_main()
+    sys.exit(main())

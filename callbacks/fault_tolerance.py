@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.run_dir import run_dir
+from lightning_modules.errors import InputNotFoundError
 from lightning_modules.safe_files import atomic_torch_save, safe_torch_load
 
 
@@ -50,7 +51,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if not _is_local_file_protocol(path):
             return pl_load(path, map_location=map_location, weights_only=True)
         if not Path(path).is_file():
-            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+            raise InputNotFoundError(f"Checkpoint file not found: {path}")
         return safe_torch_load(path, map_location=map_location)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -12,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from callbacks.distributed import all_gather_list
 from callbacks.run_dir import run_dir
+from lightning_modules.safe_files import atomic_write
 
 LABEL_HEIGHT = 14  # pixels of caption above each row
 
@@ -41,15 +40,8 @@ def make_grid(records: list[dict], title: str) -> Image.Image:
 
 
 def save_png_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:
+        image.save(f, format="PNG")
 
 
 def to_records(outputs: dict) -> list[dict]:

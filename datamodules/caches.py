@@ -20,8 +20,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +28,7 @@ import torch
 from torch import Tensor
 
 from datamodules.images import load_image
+from lightning_modules.safe_files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +106,8 @@ def cache_key(description: dict) -> str:
 
 
 def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def save_cache(cache_dir: Path, kind: str, key: str, tensors: dict[str, Tensor], description: dict) -> Path:

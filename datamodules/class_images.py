@@ -15,8 +15,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules.images import list_images, save_image_atomic
+from lightning_modules.safe_files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +70,7 @@ def read_record(class_dir: str | Path) -> dict[str, Any] | None:
 
 
 def _write_record(class_dir: Path, record: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{RECORD_NAME}.", suffix=".tmp", dir=class_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, class_dir / RECORD_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(class_dir / RECORD_NAME, json.dumps(record, indent=2))
 
 
 def _warn_if_made_differently(class_dir: Path, record: dict[str, Any] | None, settings: dict[str, Any]) -> None:

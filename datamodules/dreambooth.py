@@ -29,6 +29,7 @@ from datamodules.prompt_checks import missing_identifier_message
 from datamodules.prompts import resolve_templates
 from datamodules.resumable import resumable_train_loader
 from datamodules.validation import ValidationPromptDataset, collate_prompts, validation_sampler
+from lightning_modules.errors import ConfigError, InputNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def validation_class_noun(
         return class_noun
     derived = " ".join(words[words.index(identifier) + 1 :]) if identifier in words else ""
     if not derived and any("{class_noun}" in t for t in [*templates, pres_prompt or ""]):
-        raise ValueError(
+        raise ConfigError(
             "data.class_noun is not set and cannot be read from data.instance_prompt (no word after the identifier), "
             "but data.validation_prompts or data.pres_prompt use {class_noun}: set it (e.g. --data.class_noun dog)."
         )
@@ -173,40 +174,40 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.validation_templates = resolve_templates(validation_prompts, "data.validation_prompts")
         resolve_templates([pres_prompt] if pres_prompt else [], "data.pres_prompt")
         if predict_prompts is not None and predict_prompts_file is not None:
-            raise ValueError("Give data.predict_prompts or data.predict_prompts_file, not both.")
+            raise ConfigError("Give data.predict_prompts or data.predict_prompts_file, not both.")
         resolve_templates(predict_prompts or [], "data.predict_prompts")
         if eval_prompts != DREAMBENCH:
             resolve_templates(eval_prompts, "data.eval_prompts")
         if eval_num_images <= 0 or (eval_num_prompts is not None and eval_num_prompts <= 0):
-            raise ValueError("data.eval_num_images and data.eval_num_prompts must be positive.")
+            raise ConfigError("data.eval_num_images and data.eval_num_prompts must be positive.")
         if not instance_prompt.strip():
-            raise ValueError("data.instance_prompt is empty: give the subject's caption, e.g. 'a photo of sks dog'.")
+            raise ConfigError("data.instance_prompt is empty: give the subject's caption, e.g. 'a photo of sks dog'.")
         if resolution <= 0 or resolution % 8:
-            raise ValueError(
+            raise ConfigError(
                 f"data.resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {resolution}."
             )
         if batch_size <= 0:
-            raise ValueError(f"data.batch_size must be positive, got {batch_size}.")
+            raise ConfigError(f"data.batch_size must be positive, got {batch_size}.")
         if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}.")
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
         if with_prior_preservation:
             if not class_prompt:
-                raise ValueError(
+                raise ConfigError(
                     "data.with_prior_preservation needs data.class_prompt (e.g. 'a photo of dog'), "
                     "or set data.with_prior_preservation false."
                 )
             if not class_data_dir:
-                raise ValueError(
+                raise ConfigError(
                     "data.with_prior_preservation needs data.class_data_dir (a folder for the class images; "
                     "missing ones are generated), or set data.with_prior_preservation false."
                 )
             if num_class_images <= 0:
-                raise ValueError(
+                raise ConfigError(
                     f"data.num_class_images must be positive with prior preservation, got {num_class_images}."
                 )
             bad_batch = class_images_batch_size != "auto" and class_images_batch_size <= 0
             if bad_batch or class_images_inference_steps <= 0:
-                raise ValueError(
+                raise ConfigError(
                     "data.class_images_batch_size (or auto) and data.class_images_inference_steps must be positive."
                 )
         if class_prompt and (message := missing_identifier_message(instance_prompt, class_prompt)):
@@ -302,7 +303,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             return dreambench_subjects(hp.eval_data_dir, hp.eval_prompts, hp.eval_subjects, hp.eval_num_prompts)
         noun = validation_class_noun([], None, hp.identifier, hp.class_noun, hp.instance_prompt)
         if not noun:
-            raise ValueError("test needs the subject's class noun: set data.class_noun (e.g. --data.class_noun dog).")
+            raise ConfigError("test needs the subject's class noun: set data.class_noun (e.g. --data.class_noun dog).")
         templates = subject_templates(noun, hp.eval_prompts, hp.eval_num_prompts)
         folder = Path(hp.instance_data_dir).expanduser()
         return [EvalSubject(folder.name, noun, folder, templates)]
@@ -317,7 +318,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         folder = Path(hp.class_data_dir).expanduser()
         found = list_images(folder) if folder.is_dir() else []
         if len(found) < hp.num_class_images:
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"data.class_data_dir: {str(hp.class_data_dir)!r} holds {len(found)} images, fewer than "
                 f"data.num_class_images={hp.num_class_images}. They are generated in prepare_data(); run through "
                 "the Trainer (or call prepare_data() first), or lower data.num_class_images."

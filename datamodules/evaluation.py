@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from datamodules.images import check_image_folder
 from datamodules.prompts import PROMPT_SETS, fill, resolve_templates
 from datamodules.validation import ValidationBatch, collate_prompts
+from lightning_modules.errors import ConfigError, InputFileError, InputNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def read_dreambench_table(path: str | Path) -> DreamBenchTable:
             template = match.group(1).replace("{0}", "{identifier}").replace("{1}", "{class_noun}")
             prompts[section].append(template)
     if not classes:
-        raise ValueError(f"{str(path)!r} holds no 'subject_name,class' table (see the DreamBench {TABLE_NAME}).")
+        raise InputFileError(f"{str(path)!r} holds no 'subject_name,class' table (see the DreamBench {TABLE_NAME}).")
     return DreamBenchTable(classes, prompts["object"] or None, prompts["live"] or None)
 
 
@@ -117,26 +118,26 @@ def dreambench_subjects(
     with a warning (a partial copy of the dataset works); ``names`` picks some, and each of them must exist."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"{option}: the folder {str(root)!r} does not exist.")
+        raise InputNotFoundError(f"{option}: the folder {str(root)!r} does not exist.")
     if not (root / TABLE_NAME).is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{option}: {str(root)!r} has no {TABLE_NAME} (the DreamBench subject -> class table and prompt lists)."
         )
     table = read_dreambench_table(root / TABLE_NAME)
     unknown = sorted(set(names or []) - set(table.classes))
     if unknown:
-        raise ValueError(f"data.eval_subjects: {unknown} are not in {root / TABLE_NAME} ({sorted(table.classes)}).")
+        raise ConfigError(f"data.eval_subjects: {unknown} are not in {root / TABLE_NAME} ({sorted(table.classes)}).")
     wanted = names or list(table.classes)
     present = [n for n in wanted if (root / n).is_dir()]
     missing = [n for n in wanted if n not in present]
     if names and missing:
-        raise FileNotFoundError(f"data.eval_subjects: no folder for {missing} in {str(root)!r}.")
+        raise InputNotFoundError(f"data.eval_subjects: no folder for {missing} in {str(root)!r}.")
     if missing:
         log.warning(
             "%s: %d subjects of %s have no folder and are skipped: %s", option, len(missing), TABLE_NAME, missing
         )
     if not present:
-        raise FileNotFoundError(f"{option}: none of the subjects of {TABLE_NAME} has a folder in {str(root)!r}.")
+        raise InputNotFoundError(f"{option}: none of the subjects of {TABLE_NAME} has a folder in {str(root)!r}.")
     subjects = []
     for name in present:
         check_image_folder(root / name, f"{option} ({name})")

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from lightning_modules.errors import InputFileError, InputNotFoundError
+from lightning_modules.safe_files import atomic_write
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Files that operating systems and tools drop into folders; never images, whatever their name says.
@@ -35,7 +37,7 @@ Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, MAX_IMAGE_PIXELS)  # P
 log = logging.getLogger(__name__)
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(InputFileError):
     """An image file could not be read; the message names the file and what to do about it."""
 
 
@@ -193,21 +195,21 @@ def check_image_folder(
     """
     path = Path(folder).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{option_name}: the folder {str(folder)!r} does not exist. Point it at a folder of images."
         )
     if not path.is_dir():
-        raise FileNotFoundError(f"{option_name}: {str(folder)!r} is not a folder. Point it at a folder of images.")
+        raise InputNotFoundError(f"{option_name}: {str(folder)!r} is not a folder. Point it at a folder of images.")
     broken = broken_links(path)
     if broken:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{option_name}: {str(broken[0])!r} is a symbolic link to {os.readlink(broken[0])!r}, which does not "
             "exist. Fix the link or remove it."
         )
     images = list_images(path)
     skipped = non_image_files(path)
     if not images:
-        raise ValueError(
+        raise InputFileError(
             f"{option_name}: the folder {str(folder)!r} contains no image file. "
             f"Accepted extensions: {', '.join(IMAGE_EXTENSIONS)} (hidden files are ignored)."
             + (f" Skipped: {_names(skipped)}." if skipped else "")
@@ -242,15 +244,6 @@ def save_image_atomic(img: Image.Image, path: str | Path) -> Path:
     :func:`list_images`), then is renamed into place; an interrupted run leaves no half-written image.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format=Image.registered_extensions()[path.suffix.lower()])
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it visible
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the image is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        img.save(f, format=Image.registered_extensions()[path.suffix.lower()])
     return path

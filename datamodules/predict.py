@@ -10,6 +10,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from datamodules.images import load_image
 from datamodules.validation import ValidationBatch, collate_prompts
+from lightning_modules.errors import InputFileError, InputNotFoundError
 
 
 class PredictBatch(ValidationBatch):
@@ -22,11 +23,11 @@ def read_prompts_file(path: str | Path, option: str = "data.predict_prompts_file
     """One prompt per line; blank lines and lines starting with ``#`` are skipped. Errors name ``option``."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{option}: {str(path)!r} does not exist (a text file with one prompt per line).")
+        raise InputNotFoundError(f"{option}: {str(path)!r} does not exist (a text file with one prompt per line).")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
-        raise ValueError(f"{option}: {str(path)!r} holds no prompt (one per line; # starts a comment).")
+        raise InputFileError(f"{option}: {str(path)!r} holds no prompt (one per line; # starts a comment).")
     return prompts
 
 
@@ -37,7 +38,7 @@ def load_control_image(path: str | Path, option: str = "data.control_image") -> 
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{option}: {str(path)!r} does not exist (the ControlNet condition image).")
+        raise InputNotFoundError(f"{option}: {str(path)!r} does not exist (the ControlNet condition image).")
     try:
         image = load_image(path)
     except ValueError as e:

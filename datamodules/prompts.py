@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import string
 
+from lightning_modules.errors import ConfigError
+
 PLACEHOLDERS = ("identifier", "class_noun")
 
 DREAMBENCH_OBJECT_PROMPTS: tuple[str, ...] = (
@@ -88,12 +90,12 @@ def resolve_templates(prompts: str | list[str], option: str = "data.validation_p
     """
     if isinstance(prompts, str):
         if prompts not in PROMPT_SETS:
-            raise ValueError(f"{option}: unknown prompt set {prompts!r}; choose {sorted(PROMPT_SETS)} or give a list.")
+            raise ConfigError(f"{option}: unknown prompt set {prompts!r}; choose {sorted(PROMPT_SETS)} or give a list.")
         return list(PROMPT_SETS[prompts])
     for template in prompts:
         for _, field, _, _ in string.Formatter().parse(template):
             if field is not None and field not in PLACEHOLDERS:
-                raise ValueError(
+                raise ConfigError(
                     f"{option}: template {template!r} uses unknown placeholder {{{field}}}; "
                     f"allowed: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}."
                 )

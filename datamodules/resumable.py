@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_modules.rng_state import cpu_seeded
+
 _MASK63 = (1 << 63) - 1
 
 
@@ -85,7 +87,8 @@ class ResumableSampler(DistributedSampler):
 
 
 class SeededItems(Dataset):
-    """Wraps a dataset so that item ``(index, seed)`` is made under ``torch.manual_seed(seed)``, in a forked RNG.
+    """Wraps a dataset so that item ``(index, seed)`` is made with torch's CPU generator seeded by ``seed``, which is
+    restored afterwards (the CUDA generators, which draw the training noise on a GPU, are not touched).
 
     Plain integer indices pass through unchanged (e.g. when Lightning swaps in a sequential sampler).
     """
@@ -100,8 +103,7 @@ class SeededItems(Dataset):
         if not isinstance(key, tuple):
             return self.dataset[key]
         index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with cpu_seeded(seed):
             return self.dataset[index]
 
 

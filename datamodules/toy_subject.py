@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from datamodules.images import save_image_atomic
+from lightning_modules.errors import ConfigError, report_user_errors
 
 TEAL = (0, 150, 150)
 ORANGE = (250, 120, 20)
@@ -90,7 +92,7 @@ def draw_toy_subject(out_dir: str | Path, num_images: int = 5, resolution: int =
         seed: Seed of the variations; the same seed gives the same images.
     """
     if num_images <= 0 or resolution <= 0:
-        raise ValueError(f"num_images and resolution must be positive, got {num_images} and {resolution}.")
+        raise ConfigError(f"num_images and resolution must be positive, got {num_images} and {resolution}.")
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -117,4 +119,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_user_errors(main))  # a bad file or option: `error: ...`, status 2

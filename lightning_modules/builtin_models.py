@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_modules.errors import ConfigError
+
 BUILTIN_PREFIX = "builtin:"
 CACHE_ENV = "DREAMBOOTH_CACHE"
 DEFAULT_CACHE = Path("~/.cache/dreambooth_lightning")
@@ -213,7 +215,7 @@ def _lookup(name: str) -> BuiltinModel:
     name = name.removeprefix(BUILTIN_PREFIX)
     if name not in BUILTIN_MODELS:
         known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
-        raise ValueError(f"unknown built-in model {BUILTIN_PREFIX + name!r}; known built-in models: {known}")
+        raise ConfigError(f"unknown built-in model {BUILTIN_PREFIX + name!r}; known built-in models: {known}")
     return BUILTIN_MODELS[name]
 
 
@@ -241,14 +243,14 @@ def builtin_path(name: str) -> Path:
 def build_builtin(name: str, out_dir: str | Path) -> None:
     """Build a built-in model into ``out_dir`` (absent or empty) as a diffusers pipeline folder.
 
-    The weights depend only on the name: each model is initialised right after ``torch.manual_seed``, inside
-    a forked RNG so the caller's random state is left alone.
+    The weights depend only on the name: each model is initialised with the CPU generator freshly seeded, which is
+    restored afterwards, so the caller's random state is left alone.
     """
-    import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from lightning_modules.clip_tokenizer import write_clip_tokenizer
+    from lightning_modules.rng_state import cpu_seeded
 
     cfg = model_configs(name)
     out_dir = Path(out_dir)
@@ -258,12 +260,11 @@ def build_builtin(name: str, out_dir: str | Path) -> None:
     tokenizer_dir = out_dir / "tokenizer"
     write_clip_tokenizer(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
+    with cpu_seeded(SEED):
         unet = UNet2DConditionModel(**cfg["unet"])
-        torch.manual_seed(SEED + 1)
+    with cpu_seeded(SEED + 1):
         vae = AutoencoderKL(**cfg["vae"])
-        torch.manual_seed(SEED + 2)
+    with cpu_seeded(SEED + 2):
         text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     if _lookup(name).pretrained:
         from lightning_modules.toy_models import load_weights
@@ -305,13 +306,15 @@ def _materialize(name: str, target: Path) -> Path:
 
     Safe when several processes race: the first rename wins, the others discard their build.
     """
+    from lightning_modules.safe_files import give_ordinary_modes  # imports torch, which this module's import avoids
+
     if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build_builtin(name, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the built folder is an ordinary one
+        give_ordinary_modes(tmp)  # mkdtemp makes it private; the built folder is an ordinary one
         if _is_complete(target):  # another process finished first
             return target
         if target.exists():  # a leftover that is no complete model (e.g. copied by hand, interrupted)

@@ -13,9 +13,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 BOS_TOKEN = "<|startoftext|>"
@@ -71,37 +68,26 @@ def write_clip_tokenizer(out_dir: str | Path) -> None:
     The folder appears atomically: files are written to a temporary sibling folder that is then renamed
     into place. An existing ``out_dir`` is replaced.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    from lightning_modules.safe_files import atomic_directory  # imports torch, which this module's import avoids
+
     vocab, merges = clip_vocab_and_merges()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "do_lower_case": True,
+        "errors": "replace",
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": True,
+        **special,
+    }
+    with atomic_directory(out_dir) as tmp:
         with open(tmp / "vocab.json", "w", encoding="utf-8") as f:
             json.dump(vocab, f, ensure_ascii=False)
         with open(tmp / "merges.txt", "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n")
             f.write("\n".join(merges) + "\n")
-        special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
-        config = {
-            "tokenizer_class": "CLIPTokenizer",
-            "model_max_length": MODEL_MAX_LENGTH,
-            "do_lower_case": True,
-            "errors": "replace",
-            "add_prefix_space": False,
-            "clean_up_tokenization_spaces": True,
-            **special,
-        }
         with open(tmp / "tokenizer_config.json", "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
         with open(tmp / "special_tokens_map.json", "w", encoding="utf-8") as f:
             json.dump(special, f, indent=2)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -22,6 +22,9 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
 from lightning_modules.builtin_models import BUILTIN_PREFIX, cache_dir, resolve_pretrained
+from lightning_modules.errors import ConfigError, InputNotFoundError
+from lightning_modules.rng_state import cpu_seeded
+from lightning_modules.safe_files import give_ordinary_modes
 
 TINY_CONTROLNET = "builtin:tiny-controlnet"
 _TINY_VERSION = 1
@@ -35,8 +38,7 @@ def build_tiny_controlnet(out_dir: str | Path, base: str = "builtin:tiny-sd") ->
     vae_blocks = len(AutoencoderKL.load_config(path, subfolder="vae")["block_out_channels"])
     # The condition embedding halves the size once per block after the first, down to the latent size: as the VAE.
     channels = (8, 16, 32, 64, 128)[:vae_blocks]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_SEED)
+    with cpu_seeded(_SEED):
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
         # Variance-keeping weights in the condition embedding, and small random ones in place of the zero convs.
         for conv in controlnet.controlnet_cond_embedding.modules():
@@ -56,7 +58,7 @@ def _tiny_controlnet_path() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build_tiny_controlnet(tmp)
-        os.chmod(tmp, 0o755)
+        give_ordinary_modes(tmp)  # mkdtemp makes it private; the built folder is an ordinary one
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first
@@ -72,7 +74,7 @@ def load_controlnet(name_or_path: str, option: str = "model.controlnet") -> Cont
     if name_or_path == TINY_CONTROLNET:
         path = str(_tiny_controlnet_path())
     elif name_or_path.startswith(BUILTIN_PREFIX):
-        raise ValueError(f"{option}: unknown built-in ControlNet {name_or_path!r}; available: {TINY_CONTROLNET}")
+        raise ConfigError(f"{option}: unknown built-in ControlNet {name_or_path!r}; available: {TINY_CONTROLNET}")
     else:
         path = name_or_path
         looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
@@ -80,7 +82,7 @@ def load_controlnet(name_or_path: str, option: str = "model.controlnet") -> Cont
             what = (
                 "does not exist" if not os.path.exists(path) else "is no diffusers ControlNet folder (no config.json)"
             )
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{option}: {path!r} {what}. Give a hub id (e.g. lllyasviel/sd-controlnet-openpose), a folder "
                 "written by ControlNetModel.save_pretrained, or builtin:tiny-controlnet."
             )
@@ -93,7 +95,7 @@ def check_controlnet_fits(controlnet: ControlNetModel, unet: UNet2DConditionMode
     for key in ("cross_attention_dim", "block_out_channels"):
         mine, theirs = controlnet.config.get(key), unet.config.get(key)
         if mine is not None and str(list(_as_list(mine))) != str(list(_as_list(theirs))):
-            raise ValueError(
+            raise ConfigError(
                 f"model.controlnet: {name!r} does not fit the base model's UNet ({key} {mine} vs {theirs}); use a "
                 "ControlNet made for this base model (SD 1.x ControlNets for SD 1.x)."
             )

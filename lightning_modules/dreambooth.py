@@ -24,6 +24,7 @@ from lightning_modules.diffusion import (
     sample_latents,
     tokenize,
 )
+from lightning_modules.errors import CheckpointMismatchError, ConfigError
 from lightning_modules.fused_optim import OptimizerInBackward, fused_backward_conflicts
 from lightning_modules.lora import (
     TEXT_ENCODER_TARGET_MODULES,
@@ -54,6 +55,21 @@ FROZEN_DTYPES = {
     "16-true": torch.float16,
     "bf16-true": torch.bfloat16,
 }
+# Precisions in which Lightning converts the whole module, trained weights included, to half: rendering only.
+HALF_TRUE = {"16-true": "16-mixed", "bf16-true": "bf16-mixed"}
+
+
+def check_training_precision(precision: str) -> None:
+    """Refuse to train under ``16-true`` / ``bf16-true``: Lightning casts every weight to half there, the trained ones
+    too, and AdamW's updates (and its epsilon, 1e-8, which is 0 in float16) are lost in half precision. The ``-mixed``
+    settings hold the frozen weights in half precision as well and keep what trains in float32."""
+    if str(precision) in HALF_TRUE:
+        raise ConfigError(
+            f"trainer.precision {precision} would train the weights themselves in half precision (Lightning converts "
+            f"the whole model), where AdamW's small updates vanish. Use --trainer.precision {HALF_TRUE[str(precision)]}: "
+            "frozen weights are held in half precision all the same, and what trains stays float32. "
+            f"({precision} is fine for validate, test and predict, which only render.)"
+        )
 
 
 class DreamBoothModule(pl.LightningModule):
@@ -155,17 +171,17 @@ class DreamBoothModule(pl.LightningModule):
         if use_lora:  # fail at config time, before any weight loads
             lora_config(lora_rank, lora_alpha, lora_dropout, lora_target_modules or UNET_TARGET_MODULES)
         if learning_rate <= 0 or (text_encoder_lr is not None and text_encoder_lr <= 0):
-            raise ValueError("model.learning_rate and model.text_encoder_lr must be positive.")
+            raise ConfigError("model.learning_rate and model.text_encoder_lr must be positive.")
         if prior_loss_weight < 0:
-            raise ValueError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
+            raise ConfigError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
         if fused_backward and use_lora:
-            raise ValueError(
+            raise ConfigError(
                 "model.fused_backward is for full fine-tuning (model.use_lora false); LoRA's gradients are small."
             )
         if attention not in ("sdpa", "eager"):
-            raise ValueError(f"Unknown model.attention {attention!r}: choose 'sdpa' or 'eager'.")
+            raise ConfigError(f"Unknown model.attention {attention!r}: choose 'sdpa' or 'eager'.")
         if nan_policy not in ("stop", "skip"):
-            raise ValueError(f"model.nan_policy must be 'stop' or 'skip', got {nan_policy!r}.")
+            raise ConfigError(f"model.nan_policy must be 'stop' or 'skip', got {nan_policy!r}.")
         if lora_weights:
             resolve_lora_file(lora_weights)  # a missing export fails here, before any weight loads
         # Not a saved hyperparameter: LightningCLI restores those from a checkpoint on resume, and this one must be
@@ -278,8 +294,10 @@ class DreamBoothModule(pl.LightningModule):
             torch.cuda.empty_cache()
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":  # the CLI checks this before anything runs (train.py); here for other callers
+            check_training_precision(str(self.trainer.precision))
         if stage == "fit" and self.hparams.lora_weights:
-            raise ValueError(
+            raise ConfigError(
                 "model.lora_weights loads a finished export for validate / test / predict; fit trains fresh adapters. "
                 "To continue training a run, resume it with --ckpt_path <run dir>/checkpoints/last.ckpt."
             )
@@ -295,7 +313,8 @@ class DreamBoothModule(pl.LightningModule):
         return self.hparams.lora_text_encoder_target_modules or TEXT_ENCODER_TARGET_MODULES
 
     def _cast_frozen(self, *models: nn.Module | None) -> None:
-        """Hold frozen weights in the compute dtype under mixed precision; trained weights stay float32."""
+        """Hold frozen weights in the compute dtype under a half precision; under ``*-mixed`` trained weights stay
+        float32 (training under ``*-true`` is refused: :func:`check_training_precision`)."""
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
         dtype = FROZEN_DTYPES.get(precision)
         if dtype is None:
@@ -354,7 +373,7 @@ class DreamBoothModule(pl.LightningModule):
         train_te = self.hparams.train_text_encoder
         if "prompt_embeds" in batch:
             if train_te:
-                raise ValueError(
+                raise ConfigError(
                     "The batch carries cached text embeddings, but model.train_text_encoder is true: the text encoder "
                     "would get no gradient. Set data.cache_text_embeddings false (the CLI links it)."
                 )
@@ -373,7 +392,7 @@ class DreamBoothModule(pl.LightningModule):
                 t.accumulate_grad_batches, t.gradient_clip_val, str(t.precision), t.world_size
             )
             if conflicts:
-                raise ValueError(f"model.fused_backward cannot be combined with: {'; '.join(conflicts)}.")
+                raise ConfigError(f"model.fused_backward cannot be combined with: {'; '.join(conflicts)}.")
             optimizer = OptimizerInBackward(
                 groups, lambda g: build_optimizer(hp.optimizer, g, betas, hp.adam_weight_decay, hp.adam_epsilon)
             )
@@ -420,7 +439,7 @@ class DreamBoothModule(pl.LightningModule):
         """Render ``num_images_per_prompt`` images per prompt (with the ControlNet condition, if any)."""
         control = batch["control_image"]
         if (control is None) != (self.controlnet is None):
-            raise ValueError(
+            raise ConfigError(
                 "model.controlnet and data.control_image go together: a ControlNet renders from a condition image "
                 f"(model.controlnet={self.hparams.controlnet!r}, data.control_image is "
                 f"{'not ' if control is None else ''}set)."
@@ -488,7 +507,7 @@ class DreamBoothModule(pl.LightningModule):
         unknown = sorted(saved - set(self.state_dict()))
         missing = sorted(self.trained_state_keys() - saved)
         if unknown or missing:
-            raise RuntimeError(
+            raise CheckpointMismatchError(
                 "The checkpoint does not match this model's trained weights "
                 f"({len(unknown)} unknown keys, e.g. {unknown[:3]}; {len(missing)} missing, e.g. {missing[:3]}). "
                 "Was it made with other LoRA / train_text_encoder settings or another base model?"

@@ -4,23 +4,22 @@
   ``pytorch_lora_weights_kohya.safetensors`` in the kohya layout AUTOMATIC1111 and ComfyUI read.
 - Full fine-tune: ``pipeline/``, a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` reads, and
   (optionally) ``model.safetensors``, one file in the original SD 1.x layout (``from_single_file``, AUTOMATIC1111,
-  ComfyUI).
+  ComfyUI); for a v-prediction model also ``model.yaml``, its original config with ``parameterization: "v"``, which
+  AUTOMATIC1111 reads beside the file (:mod:`lightning_modules.ldm_config`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+import logging
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
+from lightning_modules.errors import InputNotFoundError
+from lightning_modules.ldm_config import is_v_prediction, write_ldm_config
 from lightning_modules.lora import lora_metadata, lora_state_dict
 from lightning_modules.lora_formats import (
     KOHYA_WEIGHT_NAME,
@@ -29,34 +28,14 @@ from lightning_modules.lora_formats import (
     save_kohya_lora,
     with_text_model_prefix,
 )
+from lightning_modules.safe_files import atomic_directory
 from lightning_modules.sd_loading import load_pipeline
 from lightning_modules.single_file import SINGLE_FILE_NAME, save_single_file
 
+log = logging.getLogger(__name__)
+
 PIPELINE_DIRNAME = "pipeline"
 INFO_NAME = "export_info.json"
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
-
-    A crash or an exception leaves ``target`` as it was: an earlier good export is never replaced by a partial one.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -127,20 +106,38 @@ def export_full(
         pipe.save_pretrained(tmp / PIPELINE_DIRNAME, safe_serialization=True)
         files = [PIPELINE_DIRNAME]
         if single_file:
-            save_single_file(pipe, tmp / SINGLE_FILE_NAME, metadata={"base_model": str(base_model)})
-            files.append(SINGLE_FILE_NAME)
+            files += _save_single_file(pipe, tmp, base_model)
         _write_info(tmp, "full", files, base_model, revision, variant, single_file_config)
     return Path(out_dir) / PIPELINE_DIRNAME
+
+
+def _save_single_file(pipe: StableDiffusionPipeline, folder: Path, base_model: str) -> list[str]:
+    """``model.safetensors`` and, for a v-prediction model, the ``model.yaml`` that tells AUTOMATIC1111 so."""
+    v_prediction = is_v_prediction(pipe.scheduler.config)
+    metadata = {"base_model": str(base_model), "modelspec.prediction_type": "v" if v_prediction else "epsilon"}
+    save_single_file(pipe, folder / SINGLE_FILE_NAME, metadata=metadata)
+    if not v_prediction:
+        return [SINGLE_FILE_NAME]
+    config_name = Path(SINGLE_FILE_NAME).with_suffix(".yaml").name
+    write_ldm_config(pipe, folder / config_name)
+    log.warning(
+        "The base model predicts v (v-prediction), which a single-file checkpoint cannot say by itself: %s is "
+        "written beside %s for AUTOMATIC1111 (keep them together, with the same name). ComfyUI renders SD 1.x files "
+        "as epsilon: add a ModelSamplingDiscrete node with sampling v_prediction (see the README, Interchange).",
+        config_name,
+        SINGLE_FILE_NAME,
+    )
+    return [SINGLE_FILE_NAME, config_name]
 
 
 def load_export(export_dir: str | Path, torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """A pipeline with the exported weights: the pipeline folder, or the base model with the LoRA file loaded."""
     folder = Path(export_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"Export folder {str(folder)!r} does not exist (fit writes <run dir>/export).")
+        raise InputNotFoundError(f"Export folder {str(folder)!r} does not exist (fit writes <run dir>/export).")
     info_path = folder / INFO_NAME
     if not info_path.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} is no export folder: it has no {INFO_NAME}.")
+        raise InputNotFoundError(f"{str(folder)!r} is no export folder: it has no {INFO_NAME}.")
     info = json.loads(info_path.read_text())
     if info["kind"] == "full":
         pipe = StableDiffusionPipeline.from_pretrained(

@@ -13,13 +13,13 @@ or a line break are JSON-quoted, as AUTOMATIC1111 does. A second chunk, ``dreamb
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from lightning_modules.safe_files import atomic_write
 
 PARAMETERS_KEY = "parameters"
 JSON_KEY = "dreambooth_lightning"
@@ -83,15 +83,8 @@ def save_png(image: Image.Image, path: str | Path, text: dict[str, str]) -> Path
             info.add_text(key, value)
         else:
             info.add_itxt(key, value)  # UTF-8; tEXt chunks are Latin-1
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        image.save(f, format="PNG", pnginfo=info)
     return path
 
 

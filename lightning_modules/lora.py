@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+from diffusers.utils.peft_utils import _create_lora_config, get_adapter_name
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
+
+from lightning_modules.errors import ConfigError, InputFileError, InputNotFoundError
 
 UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -16,9 +19,9 @@ TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 def lora_config(rank: int, alpha: float | None, dropout: float, target_modules: list[str]) -> LoraConfig:
     """The peft config; alpha defaults to the rank (scale 1), as in the diffusers DreamBooth LoRA script."""
     if rank <= 0:
-        raise ValueError(f"model.lora_rank must be a positive integer, got {rank}.")
+        raise ConfigError(f"model.lora_rank must be a positive integer, got {rank}.")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"model.lora_dropout must be in [0, 1), got {dropout}.")
+        raise ConfigError(f"model.lora_dropout must be in [0, 1), got {dropout}.")
     return LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
@@ -35,15 +38,76 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> None:
     base model is held in half precision.
     """
     model.requires_grad_(False)
-    model.add_adapter(config)
+    add_adapter(model, config, "default")
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.requires_grad_(True)
             param.data = param.data.float()
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(
+        raise ConfigError(
             f"LoRA target modules {sorted(config.target_modules)} matched no layer of {type(model).__name__}."
         )
+
+
+def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """Inject a peft adapter into a diffusers or transformers model, in place, through peft's own API.
+
+    What ``model.add_adapter`` does in diffusers and transformers, without their peft version gates (transformers
+    5.25 refuses peft < 0.22 there, though peft's injection is unchanged); the flag they set marks the model as
+    holding adapters, so their adapter methods (``set_adapters``, ``disable_lora``, ...) keep working on it.
+    """
+    inject_adapter_in_model(config, model, adapter_name)
+    model._hf_peft_config_loaded = True
+
+
+def load_text_encoder_lora(
+    text_encoder: nn.Module,
+    state_dict: dict[str, Tensor],
+    network_alphas: dict[str, float] | None,
+    metadata: dict | None,
+    adapter_name: str | None = None,
+) -> None:
+    """Load the ``text_encoder.*`` weights of a LoRA state dict (as ``StableDiffusionPipeline.lora_state_dict`` reads a
+    file) into the text encoder as adapter ``adapter_name``, as diffusers' ``load_lora_into_text_encoder`` does, but
+    through peft's API instead of transformers' ``load_adapter`` (which adds a peft version gate)."""
+    prefix = "text_encoder."
+    state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not state_dict:
+        return
+    if metadata is not None:
+        metadata = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)} or None
+    if network_alphas is not None:
+        network_alphas = {k.removeprefix(prefix): v for k, v in network_alphas.items() if k.startswith(prefix)}
+    state_dict = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state_dict))
+    if not hasattr(text_encoder, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel; older files have it
+        state_dict = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+    ranks = {k: v.shape[1] for k, v in state_dict.items() if k.endswith(".lora_B.weight")}
+    # diffusers' own helper, so that rank, alpha and targets are read from the file exactly as diffusers reads them.
+    config = _create_lora_config(state_dict, network_alphas, metadata, ranks, is_unet=False)
+    adapter_name = adapter_name or get_adapter_name(text_encoder)
+    add_adapter(text_encoder, config, adapter_name)
+    result = set_peft_model_state_dict(text_encoder, state_dict, adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise InputFileError(
+            f"LoRA text-encoder weights that fit no layer: {unexpected[:3]} ({len(unexpected)} in all)."
+        )
+
+
+def load_lora_weights(
+    unet: nn.Module, text_encoder: nn.Module | None, path: str | Path, adapter_name: str | None
+) -> None:
+    """Load a diffusers or kohya LoRA ``.safetensors`` file into the UNet and, when it has text-encoder weights, the
+    text encoder, as adapters named ``adapter_name`` (diffusers' naming when None), in place."""
+    from diffusers import StableDiffusionPipeline  # the pipeline class knows the SD 1.x LoRA layouts
+
+    state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+    if not any(k.startswith("unet.") for k in state_dict):
+        raise InputFileError(f"model.lora_weights: {str(path)!r} holds no UNet LoRA weights (keys 'unet.*').")
+    kw = {"adapter_name": adapter_name, "metadata": metadata}
+    StableDiffusionPipeline.load_lora_into_unet(state_dict, network_alphas, unet, **kw)
+    if text_encoder is not None:
+        load_text_encoder_lora(text_encoder, state_dict, network_alphas, metadata, adapter_name)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -72,21 +136,21 @@ def resolve_lora_file(path: str | Path, option: str = "model.lora_weights") -> P
     path = Path(path).expanduser()
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ValueError(f"{option}: {str(path)!r} is not a .safetensors LoRA file.")
+            raise InputFileError(f"{option}: {str(path)!r} is not a .safetensors LoRA file.")
         return path
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{option}: {str(path)!r} does not exist. Give the export folder that fit wrote (<run dir>/export) or its "
             f"{LORA_WEIGHT_NAME}."
         )
     if (path / LORA_WEIGHT_NAME).is_file():
         return path / LORA_WEIGHT_NAME
     if (path / PIPELINE_DIRNAME / "model_index.json").is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{option}: {str(path)!r} holds a full fine-tune ({PIPELINE_DIRNAME}/), not LoRA weights: render it with "
             f"--model.pretrained_model_name_or_path {path / PIPELINE_DIRNAME} instead."
         )
-    raise FileNotFoundError(f"{option}: the folder {str(path)!r} holds no {LORA_WEIGHT_NAME}.")
+    raise InputNotFoundError(f"{option}: the folder {str(path)!r} holds no {LORA_WEIGHT_NAME}.")
 
 
 def load_lora_file(unet: nn.Module, text_encoder: nn.Module, path: str | Path, adapter_name: str = "default") -> None:
@@ -96,18 +160,7 @@ def load_lora_file(unet: nn.Module, text_encoder: nn.Module, path: str | Path, a
     The adapters take their rank, alpha and targets from the file's header; under the name ``default`` their weights
     have the keys of adapters that :func:`inject_lora` makes, so a Lightning checkpoint of the same run loads on top.
     """
-    from diffusers import StableDiffusionPipeline  # the pipeline class knows the SD 1.x LoRA layout
-
-    path = resolve_lora_file(path)
-    state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
-    if not any(k.startswith("unet.") for k in state_dict):
-        raise ValueError(f"model.lora_weights: {str(path)!r} holds no UNet LoRA weights (keys 'unet.*').")
-    kw = {"adapter_name": adapter_name, "metadata": metadata}
-    StableDiffusionPipeline.load_lora_into_unet(state_dict, network_alphas, unet, **kw)
-    if any(k.startswith("text_encoder.") for k in state_dict):
-        StableDiffusionPipeline.load_lora_into_text_encoder(
-            state_dict, network_alphas, text_encoder, prefix="text_encoder", **kw
-        )
+    load_lora_weights(unet, text_encoder, resolve_lora_file(path), adapter_name)
     for model in (unet, text_encoder):
         for name, param in model.named_parameters():
             if "lora_" in name:

@@ -5,8 +5,8 @@
   SD 1.x text-encoder prefix (``lora_te_``, where diffusers writes SDXL's ``lora_te1_``) and the trained alphas
   (diffusers writes alpha = rank) are set.
 - :func:`load_lora_into_pipeline`: a diffusers or kohya LoRA file is checked against the pipeline's UNet and text
-  encoder (model family, layer names, layer shapes) before diffusers' ``load_lora_weights`` loads it, so a LoRA made
-  for another architecture fails with a message that names the file and the mismatch.
+  encoder (model family, layer names, layer shapes) before it is loaded as diffusers' ``load_lora_weights`` loads it,
+  so a LoRA made for another architecture fails with a message that names the file and the mismatch.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from lightning_modules.errors import InputFileError, InputNotFoundError
+from lightning_modules.lora import load_lora_weights
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
@@ -101,16 +104,16 @@ def resolve_lora_file(path: str | Path) -> Path:
     """A LoRA ``.safetensors`` file, or the diffusers file of an export folder; clear errors otherwise."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"LoRA file or export folder {str(path)!r} does not exist.")
+        raise InputNotFoundError(f"LoRA file or export folder {str(path)!r} does not exist.")
     if path.is_dir():
         if not (path / LORA_WEIGHT_NAME).is_file():
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{str(path)!r} holds no {LORA_WEIGHT_NAME}; give a LoRA .safetensors file or the export folder "
                 "of a LoRA run."
             )
         path = path / LORA_WEIGHT_NAME
     if path.suffix.lower() != ".safetensors":
-        raise ValueError(
+        raise InputFileError(
             f"{str(path)!r}: only .safetensors LoRA files are read (pickle-based files can execute code when loaded)."
         )
     return path
@@ -123,16 +126,16 @@ def _peft_layout(path: Path, state_dict: dict[str, Tensor]) -> dict[str, dict[st
             (f for p, f in _OTHER_FAMILY_FRAGMENTS.items() if p in key), None
         )
         if family is not None:
-            raise ValueError(
+            raise InputFileError(
                 f"{str(path)!r} is a LoRA for {family} (keys such as {key!r}), not for this Stable Diffusion 1.x model."
             )
     try:
         converted, _ = StableDiffusionPipeline.lora_state_dict(dict(state_dict))
     except Exception as e:
-        raise ValueError(f"{str(path)!r} is no LoRA file diffusers can read for Stable Diffusion 1.x: {e}") from e
+        raise InputFileError(f"{str(path)!r} is no LoRA file diffusers can read for Stable Diffusion 1.x: {e}") from e
     unknown = [k for k in converted if not k.startswith(("unet.", "text_encoder."))]
     if unknown or not converted:
-        raise ValueError(
+        raise InputFileError(
             f"{str(path)!r} holds no LoRA weights for a UNet or text encoder (keys such as {(unknown or ['none'])[0]!r})."
         )
     unet = {k.removeprefix("unet."): v for k, v in converted.items() if k.startswith("unet.")}
@@ -180,7 +183,7 @@ def check_lora_file(path: str | Path, unet: nn.Module, text_encoder: nn.Module) 
         if (why := _layer_mismatch(models[name], key, weight)) is not None
     ]
     if problems:
-        raise ValueError(
+        raise InputFileError(
             f"{str(path)!r} does not fit this model; it was made for another architecture or base model "
             f"({len(problems)} mismatches, e.g. {'; '.join(problems[:3])})."
         )
@@ -190,7 +193,8 @@ def check_lora_file(path: str | Path, unet: nn.Module, text_encoder: nn.Module) 
 def load_lora_into_pipeline(
     pipe: StableDiffusionPipeline, path: str | Path, adapter_name: str | None = None
 ) -> StableDiffusionPipeline:
-    """Check a diffusers or kohya LoRA file (or a LoRA export folder) against ``pipe``, then load it with diffusers."""
+    """Check a diffusers or kohya LoRA file (or a LoRA export folder) against ``pipe``, then load it as diffusers'
+    ``load_lora_weights`` reads it (through peft's API for the text encoder: see :func:`lora.load_lora_weights`)."""
     path = check_lora_file(path, pipe.unet, pipe.text_encoder)
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    load_lora_weights(pipe.unet, pipe.text_encoder, path, adapter_name)
     return pipe

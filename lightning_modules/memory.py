@@ -11,6 +11,8 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 
+from lightning_modules.errors import ConfigError
+
 AttentionName = Literal["sdpa", "eager"]
 
 
@@ -23,7 +25,7 @@ def set_attention(unet: nn.Module, attention: AttentionName) -> None:
     elif attention == "eager":
         unet.set_attn_processor(AttnProcessor())
     else:
-        raise ValueError(f"Unknown model.attention {attention!r}: choose 'sdpa' or 'eager'.")
+        raise ConfigError(f"Unknown model.attention {attention!r}: choose 'sdpa' or 'eager'.")
 
 
 def apply_unet_savers(unet: nn.Module, attention: AttentionName, channels_last: bool, compile_unet: bool) -> None:

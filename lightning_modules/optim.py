@@ -8,6 +8,8 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch import nn
 
+from lightning_modules.errors import ConfigError, MissingPackageError
+
 OptimizerName = Literal["adamw", "adamw8bit"]
 SchedulerName = Literal["constant", "linear", "cosine"]
 
@@ -40,9 +42,9 @@ def build_optimizer(
         try:
             import bitsandbytes as bnb
         except ImportError as err:  # pragma: no cover - depends on the platform
-            raise ImportError("model.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from err
+            raise MissingPackageError("model.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from err
         return bnb.optim.AdamW8bit(groups, betas=betas, weight_decay=weight_decay, eps=eps)
-    raise ValueError(f"Unknown model.optimizer {name!r}: choose 'adamw' or 'adamw8bit'.")
+    raise ConfigError(f"Unknown model.optimizer {name!r}: choose 'adamw' or 'adamw8bit'.")
 
 
 def build_lr_scheduler(
@@ -50,9 +52,9 @@ def build_lr_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Constant, linear decay or cosine decay to 0 at ``total_steps``, each after a linear warmup."""
     if name not in ("constant", "linear", "cosine"):
-        raise ValueError(f"Unknown model.lr_scheduler {name!r}: choose 'constant', 'linear' or 'cosine'.")
+        raise ConfigError(f"Unknown model.lr_scheduler {name!r}: choose 'constant', 'linear' or 'cosine'.")
     if warmup_steps < 0:
-        raise ValueError(f"model.lr_warmup_steps must be >= 0, got {warmup_steps}.")
+        raise ConfigError(f"model.lr_warmup_steps must be >= 0, got {warmup_steps}.")
     diffusers_name = "constant_with_warmup" if name == "constant" else name
     return get_scheduler(
         diffusers_name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1)

@@ -14,6 +14,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
+from lightning_modules.errors import ConfigError
 from lightning_modules.sd_loading import SDComponents
 
 SamplerName = Literal["ddim", "dpm++", "euler_a", "pndm"]
@@ -28,7 +29,7 @@ SAMPLERS = {
 def make_sampler(name: str, scheduler_config: dict):
     """An inference scheduler built from the model's own noise-scheduler config."""
     if name not in SAMPLERS:
-        raise ValueError(f"Unknown sampler {name!r}: choose one of {sorted(SAMPLERS)}.")
+        raise ConfigError(f"Unknown sampler {name!r}: choose one of {sorted(SAMPLERS)}.")
     # DDIM as StableDiffusionPipeline sets it up for SD 1.x configs (it patches clip_sample; other pipelines do not).
     overrides = {"clip_sample": False} if name == "ddim" else {}
     return SAMPLERS[name].from_config(scheduler_config, **overrides)

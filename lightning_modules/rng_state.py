@@ -8,7 +8,9 @@ checkpoint holding them still loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -43,3 +45,15 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         cuda_states = states["cuda"][: torch.cuda.device_count()]
         for device, state in enumerate(cuda_states):
             torch.cuda.set_rng_state(state.cpu(), device)
+
+
+@contextlib.contextmanager
+def cpu_seeded(seed: int) -> Iterator[None]:
+    """Run a block with torch's CPU generator seeded with ``seed``, and put the generator back as it was afterwards.
+
+    Only the CPU generator is touched. ``torch.manual_seed`` would also reseed every CUDA (and MPS, XPU) generator,
+    which ``fork_rng(devices=[])`` does not restore: a per-item seed would then decide the training noise on a GPU.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield

@@ -8,6 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
+from lightning_modules.errors import ConfigError
 from lightning_modules.pipeline import SAMPLERS, SamplerName
 
 
@@ -49,13 +50,13 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {self.sampler!r}: choose one of {sorted(SAMPLERS)}.")
+            raise ConfigError(f"Unknown sampler {self.sampler!r}: choose one of {sorted(SAMPLERS)}.")
         for side in ("height", "width"):
             value = getattr(self, side)
             if value is not None and (value <= 0 or value % 8):
-                raise ValueError(f"sampling.{side} must be a positive multiple of 8, got {value}.")
+                raise ConfigError(f"sampling.{side} must be a positive multiple of 8, got {value}.")
         if self.num_images_per_prompt <= 0 or self.num_inference_steps <= 0:
-            raise ValueError("sampling.num_images_per_prompt and sampling.num_inference_steps must be positive.")
+            raise ConfigError("sampling.num_images_per_prompt and sampling.num_inference_steps must be positive.")
 
 
 def image_seed(prompt_seed: int, image_index: int) -> int:

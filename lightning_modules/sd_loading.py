@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from lightning_modules.builtin_models import resolve_pretrained
+from lightning_modules.errors import InputFileError, InputNotFoundError
 from lightning_modules.single_file import SINGLE_FILE_SUFFIXES, is_single_file, load_single_file_pipeline
 
 
@@ -38,19 +39,19 @@ def check_model_path(pretrained_model_name_or_path: str) -> str:
     if looks_local:
         if os.path.isfile(path):
             if not is_single_file(path):
-                raise ValueError(
+                raise InputFileError(
                     f"model.pretrained_model_name_or_path: {path!r} is a file but no single-file checkpoint; give a "
                     f"{' / '.join(SINGLE_FILE_SUFFIXES)} file or a diffusers folder."
                 )
             return path
         if not os.path.isdir(path):
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"model.pretrained_model_name_or_path: {path!r} does not exist. Give a hub id "
                 "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), a local diffusers folder, a single-file "
                 "checkpoint (.safetensors), or builtin:tiny-sd."
             )
         if not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise ValueError(
+            raise InputFileError(
                 f"model.pretrained_model_name_or_path: {path!r} is not a diffusers model folder (no model_index.json). "
                 "Point it at a folder written by `save_pretrained` or a hub id."
             )

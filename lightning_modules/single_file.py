@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lightning_modules.builtin_models import resolve_pretrained
+from lightning_modules.errors import InputFileError, InputNotFoundError
 from lightning_modules.sd_layout import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, to_original_layout
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -59,14 +60,16 @@ def read_checkpoint_keys(path: str | Path) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Single-file checkpoint {str(path)!r} does not exist.")
+        raise InputNotFoundError(f"Single-file checkpoint {str(path)!r} does not exist.")
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     if suffix in PICKLE_SUFFIXES:
         return list(load_pickle_checkpoint(path))
-    raise ValueError(f"{str(path)!r}: unknown checkpoint format {suffix!r}; give a {' / '.join(SINGLE_FILE_SUFFIXES)}.")
+    raise InputFileError(
+        f"{str(path)!r}: unknown checkpoint format {suffix!r}; give a {' / '.join(SINGLE_FILE_SUFFIXES)}."
+    )
 
 
 def load_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -81,17 +84,17 @@ def load_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         needs = f" (it names {found.group(1)})" if found else ""
-        raise ValueError(
+        raise InputFileError(
             f"Refusing to load {str(path)!r}: it is a pickle that needs more than tensors to load{needs}, and "
             "unpickling it could execute code. Use a .safetensors version of the model (model sites usually offer "
             "one), or convert it in a sandbox you trust."
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{str(path)!r} is no readable PyTorch checkpoint: {e}") from e
+        raise InputFileError(f"{str(path)!r} is no readable PyTorch checkpoint: {e}") from e
     while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a state dict of named weights.")
+        raise InputFileError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a state dict of named weights.")
     return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
 
 
@@ -100,14 +103,14 @@ def check_sd1_keys(keys: Iterable[str], path: str | Path) -> None:
     keys = list(keys)
     for prefix, family in _OTHER_FAMILIES.items():
         if any(k.startswith(prefix) for k in keys):
-            raise ValueError(
+            raise InputFileError(
                 f"{str(path)!r} is a {family} checkpoint (it has {prefix}* weights); this project trains "
                 "Stable Diffusion 1.x."
             )
     parts = {UNET_PREFIX: "UNet", VAE_PREFIX: "VAE", TEXT_ENCODER_PREFIX: "CLIP text encoder"}
     missing = [f"{name} ({prefix}*)" for prefix, name in parts.items() if not any(k.startswith(prefix) for k in keys)]
     if missing:
-        raise ValueError(
+        raise InputFileError(
             f"{str(path)!r} is no complete Stable Diffusion 1.x checkpoint in the original layout: it lacks the "
             f"{', '.join(missing)} weights (found e.g. {keys[:3]})."
         )
@@ -146,7 +149,7 @@ def load_single_file_pipeline(
             **components,
         )
     except Exception as e:  # diffusers' messages name neither the file nor the config; add both
-        raise ValueError(
+        raise InputFileError(
             f"Could not load {str(path)!r} as Stable Diffusion 1.x with the diffusers configs of {config!r} "
             f"(model.single_file_config; a diffusers folder or hub id of the same architecture, whose config files "
             f"must be local when offline): {type(e).__name__}: {e}"

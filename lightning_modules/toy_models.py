@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lightning_modules.builtin_models import CLIP_TEXT_COMMON, SD1_SCHEDULER
+from lightning_modules.rng_state import cpu_seeded
 
 TOY_RESOLUTION = 32
 TOY_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "toy-world-v1"
@@ -64,8 +64,7 @@ def toy_sd_configs() -> dict[str, dict[str, Any]]:
 
 
 def _seeded(build, seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with cpu_seeded(seed):
         return build()
 
 

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_modules.safe_files import atomic_write_text
 from metrics.encoders import ClipEncoder, ImageEncoder
 from metrics.subject import Diversity, PreservationScore, PromptFidelity, SubjectFidelity, strip_identifier
 
@@ -113,14 +114,14 @@ def write_report(folder: str | Path, report: dict, image_rows: list[dict] | None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "report.json", "csv": folder / "report.csv"}
-    _write_atomic(paths["json"], json.dumps(_nan_to_none(report), indent=2, default=str, allow_nan=False) + "\n")
+    atomic_write_text(paths["json"], json.dumps(_nan_to_none(report), indent=2, default=str, allow_nan=False) + "\n")
     metric_names = [n for n in METRIC_NAMES if n in report["mean"]]
     rows = [{"subject": name, **info} for name, info in report["subjects"].items()]
     rows.append({"subject": "mean", **report["mean"]})
-    _write_atomic(paths["csv"], _csv_text(["subject", "class", "live", "images", *metric_names], rows))
+    atomic_write_text(paths["csv"], _csv_text(["subject", "class", "live", "images", *metric_names], rows))
     if image_rows:
         paths["images"] = folder / "images.csv"
-        _write_atomic(paths["images"], _csv_text(list(image_rows[0]), image_rows))
+        atomic_write_text(paths["images"], _csv_text(list(image_rows[0]), image_rows))
     return paths
 
 
@@ -146,9 +147,3 @@ def _cell(value):
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6f}"
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -19,6 +19,9 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 
+from lightning_modules.errors import ConfigError
+from lightning_modules.rng_state import cpu_seeded
+
 BUILTIN_PREFIX = "builtin:"
 TINY_DINO = "builtin:tiny-dino"
 TINY_CLIP = "builtin:tiny-clip"
@@ -207,8 +210,7 @@ class ClipEncoder(ImageEncoder):
 
 def _seeded(build):
     """Run ``build()`` under a fixed seed without touching the caller's RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_BUILTIN_SEED)
+    with cpu_seeded(_BUILTIN_SEED):
         return build()
 
 
@@ -267,7 +269,7 @@ def load_dino(name: str = "facebook/dino-vits16") -> DinoEncoder:
         model = load_weights(build_toy_dino(), "toy_dino")
         return DinoEncoder(model, name=name, resize=TOY_RESOLUTION, crop=TOY_RESOLUTION)
     elif name.startswith(BUILTIN_PREFIX):
-        raise ValueError(f"unknown built-in DINO encoder {name!r}; available: {TINY_DINO}, {TOY_DINO}")
+        raise ConfigError(f"unknown built-in DINO encoder {name!r}; available: {TINY_DINO}, {TOY_DINO}")
     else:
         from transformers import ViTModel
 
@@ -292,7 +294,7 @@ def load_clip(name: str = "ViT-B-32", pretrained: str | None = "openai") -> Clip
         model = load_weights(build_toy_clip(), "toy_clip")
         return ClipEncoder(model, open_clip.SimpleTokenizer(context_length=77), name=name)
     if name.startswith(BUILTIN_PREFIX):
-        raise ValueError(f"unknown built-in CLIP encoder {name!r}; available: {TINY_CLIP}, {TOY_CLIP}")
+        raise ConfigError(f"unknown built-in CLIP encoder {name!r}; available: {TINY_CLIP}, {TOY_CLIP}")
     model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=pretrained is not None)
     label = f"open_clip:{name}" + (f"/{pretrained}" if pretrained and not name.startswith("hf-hub:") else "")
     return ClipEncoder(model, open_clip.get_tokenizer(name), name=label)

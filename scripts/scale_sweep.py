@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from callbacks.grid import make_grid, save_png_atomic
 from datamodules.images import check_image_folder, load_image
 from datamodules.prompts import PROMPT_SETS, fill, resolve_templates
+from lightning_modules.errors import report_user_errors
 from lightning_modules.lora import load_lora_file, resolve_lora_file
 from lightning_modules.pipeline import SAMPLERS, build_pipeline
 from lightning_modules.sampling import SamplingSettings, render
@@ -172,4 +174,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_user_errors(main))  # a bad file or option: `error: ...`, status 2

@@ -9,12 +9,14 @@ validation (``builtin:toy-sd``, DPM-Solver++); the first column is a real world 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
 from datamodules.images import save_image_atomic
+from lightning_modules.errors import report_user_errors
 from lightning_modules.pipeline import build_pipeline
 from lightning_modules.sampling import SamplingSettings, image_seed, render
 from lightning_modules.sd_loading import load_components
@@ -61,4 +63,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_user_errors(main))  # a bad file or option: `error: ...`, status 2

@@ -28,6 +28,7 @@ import lightning_modules.dreambooth
 import lightning_modules.sd_loading
 from datamodules import DreamBoothDataModule
 from datamodules.images import ImageLoadError, ImageTooLargeError, load_image
+from lightning_modules.errors import UserInputError
 from train import cli_main
 
 RES = 64
@@ -198,8 +199,9 @@ def test_bad_file_corpus_through_the_datamodule(tmp_path, caplog, name):
     dm = _datamodule(folder)
     if case.outcome == "error":
         started = time.perf_counter()
-        with pytest.raises(case.error, match=r"data\.instance_data_dir.*" + case.match):
+        with pytest.raises(case.error, match=r"data\.instance_data_dir.*" + case.match) as err:
             dm.prepare_data()
+        assert isinstance(err.value, UserInputError)  # printed as `error: ...`, without a traceback
         assert time.perf_counter() - started < 5  # refused from the header or the first bytes, not after decoding
         return
     with caplog.at_level(logging.WARNING, logger="datamodules"):
@@ -285,19 +287,22 @@ def test_bad_option_through_the_cli(run_args, capsys, no_model_loading, name):
     with pytest.raises(error) as err:
         cli_main(run_args(*overrides, steps=1))
     message = capsys.readouterr().err if error is SystemExit else str(err.value)
+    assert error is SystemExit or isinstance(err.value, UserInputError)
     assert re.search(match, message, flags=re.S), message[-2000:]
 
 
 def test_base_model_that_is_not_a_diffusers_folder(run_args, tmp_path):
     (tmp_path / "not_a_model").mkdir()
     (tmp_path / "not_a_model" / "model.ckpt").write_bytes(b"x")
-    with pytest.raises(ValueError, match=r"model\.pretrained_model_name_or_path.*not a diffusers model folder"):
+    with pytest.raises(ValueError, match=r"model\.pretrained_model_name_or_path.*not a diffusers model folder") as err:
         cli_main(run_args(f"--model.pretrained_model_name_or_path={tmp_path / 'not_a_model'}", steps=1))
+    assert isinstance(err.value, UserInputError)
 
 
 def test_base_model_path_that_does_not_exist(run_args, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model\.pretrained_model_name_or_path.*does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"model\.pretrained_model_name_or_path.*does not exist") as err:
         cli_main(run_args(f"--model.pretrained_model_name_or_path={tmp_path / 'nowhere'}", steps=1))
+    assert isinstance(err.value, UserInputError)
 
 
 def test_instance_prompt_without_identifier_warns_through_the_cli(run_args, caplog, no_model_loading):

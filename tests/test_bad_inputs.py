@@ -8,6 +8,7 @@ import pytest
 
 import lightning_modules.dreambooth
 import lightning_modules.sd_loading
+from lightning_modules.errors import UserInputError
 from train import cli_main
 
 
@@ -23,7 +24,11 @@ def no_model_loading(monkeypatch):
 
 
 def _fit(run_args, *overrides):
-    cli_main(run_args(*overrides, steps=1))
+    try:
+        cli_main(run_args(*overrides, steps=1))
+    except (ValueError, OSError) as e:  # what these tests expect; the command line prints it without a traceback
+        assert isinstance(e, UserInputError), f"{type(e).__name__} is no UserInputError: {e}"
+        raise
 
 
 def test_missing_instance_folder(run_args, tmp_path):

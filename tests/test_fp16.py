@@ -30,3 +30,20 @@ def test_fp16_training_keeps_trained_weights_in_float32(run_args, use_lora):
     # Frozen parts in half precision: those held now, and the VAE, loaded on demand (after training it is not held).
     frozen = [p for p in params if not p.requires_grad] + list(cli.model.frozen("vae").parameters())
     assert {p.dtype for p in frozen} == {torch.float16}
+
+
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+def test_true_half_precision_refuses_to_train(run_args, monkeypatch, precision):
+    """Under ``*-true`` Lightning converts the whole module to half, trained weights included: fit refuses, naming the
+    ``-mixed`` setting to use, before class images are generated or a model loads."""
+    import datamodules.dreambooth
+    import lightning_modules.dreambooth
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the precision should have been refused before any preparation")
+
+    monkeypatch.setattr(datamodules.dreambooth.DreamBoothDataModule, "prepare_data", too_late)
+    monkeypatch.setattr(lightning_modules.dreambooth, "load_components", too_late)
+    mixed = precision.replace("true", "mixed")
+    with pytest.raises(ValueError, match=rf"trainer\.precision {precision}.*--trainer\.precision {mixed}"):
+        cli_main(run_args(f"--trainer.precision={precision}", steps=1))

@@ -16,6 +16,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from callbacks.fault_tolerance import SafeCheckpointIO
+from lightning_modules.errors import UserInputError
 from lightning_modules.safe_files import UnsafeCheckpointError, atomic_torch_save, atomic_write, safe_torch_load
 from train import cli_main
 
@@ -61,8 +62,9 @@ def test_ckpt_path_with_a_malicious_pickle_is_refused_and_the_payload_never_runs
     marker = tmp_path / "pwned"
     evil = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    with pytest.raises(pickle.UnpicklingError, match="(?i)weights.only"):
+    with pytest.raises(pickle.UnpicklingError, match="(?i)weights.only") as err:
         cli_main(run_args(steps=1) + ["--ckpt_path", str(evil), "--weights_only=false"])
+    assert isinstance(err.value, UserInputError)  # the command line prints it without a traceback
     assert not marker.exists()
 
 

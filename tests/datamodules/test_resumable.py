@@ -103,3 +103,20 @@ def test_workers_give_the_same_batches_as_the_main_process():
     in_process = list(_loader())
     with_workers = list(_loader(num_workers=1))
     assert all(torch.equal(a, b) for a, b in zip(in_process, with_workers, strict=True))
+
+
+def test_items_leave_every_generator_as_it_was(monkeypatch):
+    """An item's seed reaches the CPU generator only, which is restored afterwards. (``torch.manual_seed`` also reseeds
+    every CUDA generator, which nothing restores: with num_workers 0 on a GPU, the training noise would then follow
+    the last item loaded instead of ``seed_everything``.) Recorded calls stand in for the GPU this machine lacks."""
+    reseeded = []
+    for name in ("manual_seed", "manual_seed_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, name=name: reseeded.append((name, args)))
+    items = SeededItems(RandomItems())
+    torch.manual_seed(0)
+    reseeded.clear()
+    before = torch.get_rng_state()
+    first, again = items[(3, 1234)], items[(3, 1234)]
+    assert torch.equal(first, again)  # the item's draw follows its seed...
+    assert reseeded == []  # ...which reached no CUDA generator
+    assert torch.equal(torch.get_rng_state(), before)  # and the CPU generator is as it was
