@@ -1,0 +1,26 @@
+"""bench/toy_ceiling.py measures the toy world's ceiling and floor; a reduced run keeps it working."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.toy_ceiling import main, mean_similarity
+
+
+def test_mean_similarity_leaves_out_self_pairs():
+    a = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), dim=-1)
+    assert abs(mean_similarity(a, a, distinct=True) - 2**-0.5) < 1e-6
+    assert abs(mean_similarity(a, a, distinct=False) - (2 + 2 * 2**-0.5) / 4) < 1e-6
+
+
+def test_reduced_run_writes_the_three_rows(tmp_path, capsys):
+    out = tmp_path / "ceiling.md"
+    main(["--subjects", "3", "--class-images", "2", "--steps", "2", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| real vs real",
+        "| VAE reconstruction vs real",
+        "| generic class vs real",
+    ]
+    dino = [float(r.split(" | ")[2]) for r in rows]
+    assert dino[0] > dino[2]  # the subject's own photos are closer to each other than generic balls are
