@@ -47,6 +47,8 @@ class DreamBoothCLI(LightningCLI):
         parser.add_lightning_class_args(DreamBenchEvaluation, "evaluation")  # test: the DreamBench report
         for name in ("dino_model", "clip_model", "clip_pretrained", "div_distance"):
             parser.link_arguments(f"metrics.{name}", f"evaluation.{name}")  # one set of encoders
+        for group in ("render", "evaluation"):
+            parser.link_arguments("grid.cell_size", f"{group}.cell_size")  # one cell size for every picture
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
