@@ -49,6 +49,9 @@ def test_two_process_ddp_fit(run_args, tmp_path):
     assert all(len(r["cells"]) == 2 for r in layout["rows"][1:])
     strip = read_layout(version / "grids" / "progress.png")  # one column per validation, drawn by rank 0
     assert [len(r["cells"]) for r in strip["rows"][1:]] == [2] * 4
+    # The summary, printed once (rank 0), last.
+    assert result.stdout.count("fit finished at step 2. Where to look:") == 1
+    assert result.stdout.rstrip().splitlines()[-1].startswith("  val/div ")
     ddp_rows = _val_rows(version / "metrics.csv")
     assert sorted(ddp_rows) == [0, 2]
 

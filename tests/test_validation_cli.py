@@ -17,7 +17,7 @@ from callbacks.run_dir import run_dir
 from datamodules.datasets import as_trained
 from datamodules.images import load_image
 from tests.wandb_records import history
-from train import cli_main
+from train import cli_main, run
 
 ROOT = Path(__file__).resolve().parents[1]
 WANDB = [
@@ -32,13 +32,13 @@ def _wandb_run_file(save_dir: Path) -> Path:
     return run_file
 
 
-def test_wandb_offline_run_holds_grids_and_metrics(run_args, tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_grids_and_metrics(run_args, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     wandb.finish()  # no run left over from another test in this process: the logger would reuse it
     save_dir = tmp_path / "wb"
     monkeypatch.setenv("WANDB_DIR", str(save_dir))
-    cli = cli_main(run_args(*WANDB, f"--trainer.logger.save_dir={save_dir}", "--trainer.val_check_interval=2", steps=4))
-    wandb.finish()  # a script's exit flushes the run file; in-process, finish it first
+    cli = run(run_args(*WANDB, f"--trainer.logger.save_dir={save_dir}", "--trainer.val_check_interval=2", steps=4))
+    wandb.finish()  # a script's exit flushes the run file; in-process, finish it first (run() did, for the summary)
     wandb.teardown()  # and leave no W&B service or settings behind for later tests in this process
     rows = history(_wandb_run_file(save_dir))
     metric_steps = {
@@ -66,6 +66,9 @@ def test_wandb_offline_run_holds_grids_and_metrics(run_args, tmp_path, monkeypat
     ]
     assert list((folder / "checkpoints").glob("best-dino-*.ckpt"))
     assert 0.0 <= rows[-1].get("val/dino", 0.5) <= 1.0
+    # The summary names the W&B run's folder and how to upload it.
+    (run_folder,) = save_dir.glob("wandb/offline-run-*")
+    assert f"W&B run          {run_folder} (offline; upload with: wandb sync {run_folder})" in capsys.readouterr().out
 
 
 def test_csv_logger_only(run_args):
@@ -131,8 +134,8 @@ def test_sweep_files_name_real_options(sweep, capsys):
         assert printed[group][option] == values["values"][-1]
 
 
-def test_grids_show_the_subject_beside_readable_captioned_renders_and_the_progress(run_args, toy_subject_dir):
-    cli = cli_main(run_args("--trainer.val_check_interval=1", steps=2))
+def test_grids_show_the_subject_beside_readable_captioned_renders_and_the_progress(run_args, toy_subject_dir, capsys):
+    cli = run(run_args("--trainer.val_check_interval=1", steps=2))  # as `python train.py fit` runs: then the summary
     folder = run_dir(cli.trainer) / "grids"
     grid = np.asarray(Image.open(folder / "step_000002.png"))
     layout = read_layout(folder / "step_000002.png")
@@ -174,6 +177,15 @@ def test_grids_show_the_subject_beside_readable_captioned_renders_and_the_progre
     for row, grid_row in zip(strip["rows"][1:], renders, strict=False):
         a, b = row["cells"][-1]["box"], grid_row["cells"][0]["box"]
         assert np.array_equal(pixels[a[1] : a[3], a[0] : a[2]], grid[b[1] : b[3], b[0] : b[2]])
+    # fit ends by printing where to look and the first / last validation metrics.
+    out = capsys.readouterr().out
+    summary = out[out.index("fit finished at step 2. Where to look:") :].splitlines()
+    assert f"  run directory    {run_dir(cli.trainer)}" in summary
+    assert f"  progress strip   {folder / 'progress.png'}" in summary
+    assert f"  export           {run_dir(cli.trainer) / 'export'}" in summary
+    assert summary[-6].split() == ["val/*", "step", "0", "step", "2", "change"]
+    assert summary[-5].split()[:3] == ["val/dino", f"{dino[0]:.3f}", f"{dino[2]:.3f}"]
+    assert summary[-1].startswith("  val/div ")  # the last thing printed
 
 
 def test_the_pictures_change_nothing_in_training(run_args):
@@ -182,19 +194,20 @@ def test_the_pictures_change_nothing_in_training(run_args):
         return {n: p.detach().clone() for n, p in cli.model.named_parameters() if p.requires_grad}
 
     with_pictures = trained()
-    without = trained("--grid.enabled=false")
+    without = trained("--grid.enabled=false", "--summary.enabled=false")
     assert with_pictures.keys() == without.keys()
     assert all(torch.equal(with_pictures[n], without[n]) for n in with_pictures)
 
 
-def test_the_progress_strip_survives_a_resume(run_args):
+def test_the_progress_strip_and_summary_survive_a_resume(run_args, capsys):
     every_step = "--trainer.callbacks.init_args.every_n_train_steps=1"
     first = cli_main(run_args("--trainer.val_check_interval=1", every_step, steps=1))
     ckpt = run_dir(first.trainer) / "checkpoints" / "last.ckpt"  # saved at step 1, before step 1's validation
-    resumed = cli_main([*run_args("--trainer.val_check_interval=1", steps=2), "--ckpt_path", str(ckpt)])
+    resumed = run([*run_args("--trainer.val_check_interval=1", steps=2), "--ckpt_path", str(ckpt)])
     assert run_dir(resumed.trainer) != run_dir(first.trainer)  # a new run directory: the strip came from the checkpoint
     strip = read_layout(run_dir(resumed.trainer) / "grids" / "progress.png")
     steps = [c["caption"][0].split(",")[0] for c in strip["rows"][1]["cells"]]
     # Step 0 was rendered by the first process; step 1's validation ran after the checkpoint was saved, and Lightning
     # does not repeat it on resume (it is in the first run's grids); step 2 is the resumed run's.
     assert steps == ["step 0", "step 2"]
+    assert "  val/*       step 0  step 2  change" in capsys.readouterr().out
