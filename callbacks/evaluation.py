@@ -98,7 +98,7 @@ class DreamBenchEvaluation(pl.Callback):
         outputs["scores"] = scores  # per image, for images.csv
         for record, subject in zip(to_records(outputs), outputs["subject_index"], strict=True):
             record["subject_index"] = subject
-            record["image"] = thumbnail(record["image"], self.cell_size).copy()  # not a view of the whole batch
+            record["image"] = thumbnail(record["image"], self.cell_size)
             self._records.append(record)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

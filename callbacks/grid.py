@@ -173,7 +173,7 @@ class SampleGrid(pl.Callback):
                 "prompt_index": i,
                 "prompt": r["prompt"],
                 "seed": r["seed"],
-                "image": _own(thumbnail(r["image"], self.cell_size)),
+                "image": thumbnail(r["image"], self.cell_size),
             }
             for i, r in sorted(keep.items())
         ]
@@ -192,11 +192,6 @@ class SampleGrid(pl.Callback):
             int(step): [{**r, "image": r["image"].numpy()} for r in records]
             for step, records in state_dict.get("progress", {}).items()
         }
-
-
-def _own(image: np.ndarray) -> np.ndarray:
-    """A copy, not a view: a view would keep the whole batch of renders it came from in memory."""
-    return np.array(image, copy=True)
 
 
 def log_image(logger, key: str, picture: Image.Image, step: int, caption: str) -> None:

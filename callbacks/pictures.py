@@ -70,10 +70,10 @@ def fit_cell(image: np.ndarray | Image.Image, cell_size: int) -> Image.Image:
 
 
 def thumbnail(image: np.ndarray, cell_size: int) -> np.ndarray:
-    """(H, W, 3) uint8 reduced to fit a cell when larger; a smaller image is returned as it is (enlarging is for the
-    picture only: what is kept in memory stays small)."""
+    """What to keep of a render for a later picture: (H, W, 3) uint8 reduced to fit a cell when larger, else a copy
+    (enlarging is for the picture only, and a view would keep the whole batch it came from in memory)."""
     if max(image.shape[:2]) <= cell_size:
-        return image
+        return np.array(image, copy=True)
     return np.asarray(fit_cell(image, cell_size))
 
 

@@ -59,8 +59,9 @@ def test_cells_are_enlarged_by_a_whole_factor_or_reduced(shape, cell_size, expec
 
 
 def test_thumbnail_only_reduces():
-    small = np.zeros((32, 32, 3), dtype=np.uint8)
-    assert thumbnail(small, 256) is small
+    batch = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    kept = thumbnail(batch[1], 256)
+    assert kept.shape == (32, 32, 3) and not np.shares_memory(kept, batch)  # a copy: the batch can be freed
     assert thumbnail(np.zeros((512, 256, 3), dtype=np.uint8), 256).shape == (256, 128, 3)
 
 
