@@ -19,6 +19,7 @@ from callbacks.grid import SampleGrid
 from callbacks.metrics import SubjectMetrics
 from callbacks.render import RenderWriter
 from callbacks.run_dir import SaveRunConfig
+from callbacks.summary import FitSummary, print_fit_summary
 from callbacks.wandb_offline import start_wandb_or_go_offline
 from datamodules import DreamBoothDataModule
 from lightning_modules.dreambooth import DreamBoothModule, check_training_precision
@@ -45,8 +46,11 @@ class DreamBoothCLI(LightningCLI):
         parser.add_lightning_class_args(FaultTolerance, "fault_tolerance")
         parser.add_lightning_class_args(RenderWriter, "render")  # predict: PNGs with their settings
         parser.add_lightning_class_args(DreamBenchEvaluation, "evaluation")  # test: the DreamBench report
+        parser.add_lightning_class_args(FitSummary, "summary")  # last: it reports what the others wrote
         for name in ("dino_model", "clip_model", "clip_pretrained", "div_distance"):
             parser.link_arguments(f"metrics.{name}", f"evaluation.{name}")  # one set of encoders
+        for group in ("render", "evaluation"):
+            parser.link_arguments("grid.cell_size", f"{group}.cell_size")  # one cell size for every picture
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -81,9 +85,16 @@ def cli_main(args: list[str] | None = None) -> DreamBoothCLI:
     )
 
 
+def run(argv: list[str] | None = None) -> DreamBoothCLI:
+    """``cli_main``, then, after ``fit``, the summary of the run (where to look, the metrics) as the last output."""
+    cli = cli_main(argv)
+    print_fit_summary(cli.trainer)
+    return cli
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``cli_main`` for the command line: a user-input error prints as ``error: <message>`` and returns 2."""
-    return report_user_errors(cli_main, argv)
+    """``run`` for the command line: a user-input error prints as ``error: <message>`` and returns 2."""
+    return report_user_errors(run, argv)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,22 @@ from __future__ import annotations
 from typing import Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from callbacks.distributed import all_gather_list
-from callbacks.grid import make_grid, save_png_atomic, to_records
+from callbacks.grid import to_records
+from callbacks.pictures import (
+    DEFAULT_CELL_SIZE,
+    check_cell_size,
+    make_grid,
+    model_line,
+    reference_row,
+    save_png_atomic,
+    settings_line,
+    thumbnail,
+)
 from callbacks.run_dir import run_dir
 from datamodules.images import list_images, load_image
 from metrics import load_clip, load_dino
@@ -26,7 +34,8 @@ class DreamBenchEvaluation(pl.Callback):
 
     ``<run dir>/<dirname>/``: ``report.json`` (per-subject and mean scores, the encoders, the DIV distance, the
     sampler settings, the model), ``report.csv`` (a row per subject and ``mean``), ``images.csv`` (a row per render
-    with its scores) and ``grids/<subject>.png``. The means are logged as ``test/dino``, ``test/clip_i``, ... Every
+    with its scores) and ``grids/<subject>.png`` (the subject's photos as trained, then its renders, each captioned with
+    its seed and scores, enlarged or reduced to ``cell_size``). The means are logged as ``test/dino``, ``test/clip_i``, ... Every
     subject is rendered by the same model: the one the run loads (base model, ``--ckpt_path`` or
     ``model.lora_weights``). The encoders are those of the ``metrics`` group (linked by the CLI).
 
@@ -37,7 +46,7 @@ class DreamBenchEvaluation(pl.Callback):
         clip_model: open_clip architecture (CLIP-I, CLIP-T). Linked from ``metrics.clip_model``.
         clip_pretrained: open_clip pretrained tag. Linked from ``metrics.clip_pretrained``.
         div_distance: DIV's distance, ``lpips`` or ``dino``. Linked from ``metrics.div_distance``.
-        grid_size: Longest side, in pixels, of each render in the per-subject grids (renders are shrunk to it).
+        cell_size: Longest side of a cell of the per-subject grids, in pixels. Linked from ``grid.cell_size``.
     """
 
     def __init__(
@@ -48,9 +57,10 @@ class DreamBenchEvaluation(pl.Callback):
         clip_model: str = "ViT-B-32",
         clip_pretrained: str | None = "openai",
         div_distance: Literal["lpips", "dino"] = "lpips",
-        grid_size: int = 256,
+        cell_size: int = DEFAULT_CELL_SIZE,
     ) -> None:
-        self.enabled, self.dirname, self.grid_size = enabled, dirname, grid_size
+        self.enabled, self.dirname = enabled, dirname
+        self.cell_size = check_cell_size(cell_size, "evaluation.cell_size")
         self.dino_model, self.clip_model, self.clip_pretrained = dino_model, clip_model, clip_pretrained
         self.div_distance = div_distance
         self.scorers: list[SubjectScorer] = []
@@ -88,7 +98,7 @@ class DreamBenchEvaluation(pl.Callback):
         outputs["scores"] = scores  # per image, for images.csv
         for record, subject in zip(to_records(outputs), outputs["subject_index"], strict=True):
             record["subject_index"] = subject
-            record["image"] = _shrink(record["image"], self.grid_size)
+            record["image"] = thumbnail(record["image"], self.cell_size)
             self._records.append(record)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -107,11 +117,19 @@ class DreamBenchEvaluation(pl.Callback):
         folder = run_dir(trainer) / self.dirname
         self.report = self._report(trainer, pl_module, subjects, per_subject, mean, records)
         paths = write_report(folder, self.report, [_image_row(r, subjects) for r in records])
+        settings, resolution = pl_module.render_settings(), trainer.datamodule.hparams.resolution
         for index, subject in enumerate(subjects):
             mine = [r for r in records if r["subject_index"] == index]
             if mine:
-                title = f"{subject.name} ({subject.class_noun}): " + _scores_text(per_subject[subject.name])
-                save_png_atomic(make_grid(mine, title), folder / "grids" / f"{subject.name}.png")
+                title = [
+                    f"{subject.name} ({subject.class_noun}): " + _scores_text(per_subject[subject.name]),
+                    settings_line(settings),
+                    model_line(settings) + (f", checkpoint {trainer.ckpt_path}" if trainer.ckpt_path else ""),
+                ]
+                photos = reference_row(list_images(subject.image_dir), resolution)
+                save_png_atomic(
+                    make_grid(mine, title, self.cell_size, photos), folder / "grids" / f"{subject.name}.png"
+                )
         rank_zero_info(f"DreamBench report: {paths['json']}  mean: {_scores_text(mean)}")
 
     def _report(self, trainer, pl_module, subjects, per_subject, mean, records) -> dict:
@@ -149,18 +167,6 @@ class DreamBenchEvaluation(pl.Callback):
             "mean": mean,
             "num_subjects": len(subjects),
         }
-
-
-def _shrink(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> at most ``size`` pixels on its longest side."""
-    h, w = image.shape[:2]
-    if max(h, w) <= size:
-        return image
-    scale = size / max(h, w)
-    small = Image.fromarray(image).resize(
-        (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS
-    )
-    return np.asarray(small)
 
 
 def _image_row(record: dict, subjects) -> dict:

@@ -11,7 +11,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from datamodules.images import load_image
 from metrics import load_clip, load_dino
-from metrics.dreambench import PER_IMAGE, SubjectScorer
+from metrics.dreambench import SubjectScorer
 
 
 class SubjectMetrics(pl.Callback):
@@ -50,6 +50,7 @@ class SubjectMetrics(pl.Callback):
         self.dino_model, self.clip_model, self.clip_pretrained = dino_model, clip_model, clip_pretrained
         self.pres, self.div, self.div_distance = pres, div, div_distance
         self.scorer: SubjectScorer | None = None  # built in setup
+        self.history: dict[int, dict[str, float]] = {}  # step -> the synchronized val/* of that validation
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.enabled or self.scorer is not None or stage not in ("fit", "validate"):
@@ -75,12 +76,14 @@ class SubjectMetrics(pl.Callback):
         scores = self.scorer.update(
             outputs["images"], outputs["prompts"], outputs["prompt_index"], outputs["is_class_prompt"]
         )
-        outputs["scores"] = {k: v for k, v in scores.items() if k in PER_IMAGE}  # for the grid callback's table
+        outputs["scores"] = scores  # per image (PRES for the class prompt's): the grid's captions and W&B table
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.scorer is None:
             return
-        values = {f"val/{name}": torch.tensor(v) for name, v in self.scorer.compute().items()}  # synchronized
+        computed = self.scorer.compute()  # synchronized: every rank gets the same values
+        self.history[trainer.global_step] = computed
+        values = {f"val/{name}": torch.tensor(v) for name, v in computed.items()}
         # Logged directly at the optimizer step the renders were made after (0 = the base model, before training),
         # the step of the grid too; Lightning's own logging would drop the pre-training baseline.
         if trainer.is_global_zero:
@@ -88,3 +91,19 @@ class SubjectMetrics(pl.Callback):
                 logger.log_metrics({k: v.item() for k, v in values.items()}, step=trainer.global_step)
         if not trainer.sanity_checking:
             trainer.callback_metrics.update(values)  # what ModelCheckpoint(monitor="val/dino") reads
+
+    def state_dict(self) -> dict:
+        """The ``val/*`` of every validation so far, by step: a resumed run's summary and strip still know them."""
+        return {"history": {step: dict(values) for step, values in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = {int(step): dict(values) for step, values in state_dict.get("history", {}).items()}
+
+
+def validation_history(trainer: pl.Trainer) -> dict[int, dict[str, float]]:
+    """Step -> that validation's metrics (``dino``, ``clip_i``, ...), from the run's :class:`SubjectMetrics`; empty when
+    metrics are off."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, SubjectMetrics):
+            return callback.history
+    return {}

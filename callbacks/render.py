@@ -10,7 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
 from callbacks.distributed import all_gather_list
-from callbacks.grid import make_grid, save_png_atomic, to_records
+from callbacks.grid import to_records
+from callbacks.pictures import DEFAULT_CELL_SIZE, check_cell_size, make_grid, model_line, save_png_atomic, settings_line
 from callbacks.run_dir import run_dir
 from lightning_modules.infotext import render_text_chunks, save_png
 
@@ -26,16 +27,22 @@ def image_filename(record: dict) -> str:
 class RenderWriter(pl.Callback):
     """Writes what ``predict`` renders: one PNG per image, whose ``parameters`` text chunk holds the prompt, negative
     prompt, seed and settings as AUTOMATIC1111 writes them (plus a JSON copy in ``dreambooth_lightning``), and
-    ``contact_sheet.png`` (rows = prompts, columns = images). Rank 0 writes; the other ranks send it their renders.
+    ``contact_sheet.png`` (rows = prompts, columns = images, each image enlarged or reduced to ``cell_size`` and
+    captioned with its seed; the PNGs themselves keep the rendered size). Rank 0 writes; the other ranks send it their
+    renders.
 
     Args:
         dirpath: Where to write; defaults to ``<run directory>/predict``.
         contact_sheet: Also write the contact sheet.
+        cell_size: Longest side of a contact-sheet cell, in pixels. Linked from ``grid.cell_size`` by the CLI.
     """
 
-    def __init__(self, dirpath: str | None = None, contact_sheet: bool = True) -> None:
+    def __init__(
+        self, dirpath: str | None = None, contact_sheet: bool = True, cell_size: int = DEFAULT_CELL_SIZE
+    ) -> None:
         self.dirpath = dirpath
         self.contact_sheet = contact_sheet
+        self.cell_size = check_cell_size(cell_size, "render.cell_size")
         self._records: list[dict] = []
         self.written: list[Path] = []  # the last predict run's images
 
@@ -65,6 +72,6 @@ class RenderWriter(pl.Callback):
             for r in sorted(records, key=lambda r: (r["prompt_index"], r["image_index"]))
         ]
         if self.contact_sheet:
-            title = f"{settings['base_model']} | {settings['sampler']}, {settings['num_inference_steps']} steps, CFG {settings['guidance_scale']}"
-            save_png_atomic(make_grid(records, title), folder / CONTACT_SHEET)
+            title = [f"predict: {len(records)} images", settings_line(settings), model_line(settings)]
+            save_png_atomic(make_grid(records, title, self.cell_size), folder / CONTACT_SHEET)
         rank_zero_info(f"Wrote {len(self.written)} images to {folder}")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TypedDict
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -27,14 +28,25 @@ def image_transform(resolution: int, center_crop: bool = True, random_flip: bool
     The shorter side is resized to ``resolution`` (bilinear, antialiased), then a center or random square crop
     is taken, optionally flipped horizontally with probability 0.5.
     """
-    steps = [
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
-        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
-    ]
+    steps = _resize_and_crop(resolution, center_crop)
     if random_flip:
         steps.append(transforms.RandomHorizontalFlip(p=0.5))
     steps += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]  # [0, 1] -> [-1, 1]
     return transforms.Compose(steps)
+
+
+def _resize_and_crop(resolution: int, center_crop: bool) -> list:
+    return [
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
+    ]
+
+
+def as_trained(image: Image.Image, resolution: int) -> Image.Image:
+    """A photo as training sees it, for people to look at: the shorter side resized to ``resolution`` and the center
+    square cropped, the steps of :func:`image_transform`. A random crop or flip varies around this view; here no
+    random number is drawn, so showing the photos changes nothing in training."""
+    return transforms.Compose(_resize_and_crop(resolution, center_crop=True))(image)
 
 
 class DreamBoothDataset(Dataset):

@@ -8,8 +8,9 @@ identifier) per cell.
         --instance-dir my_dog/ --class-noun dog --prompts "a {identifier} {class_noun} on the beach" \\
         --seeds 0 1 --guidance 3 7.5 --unet-scales 0 0.5 1 --te-scales 0 1 --out sweeps/dog
 
-writes ``<out>/grid.png`` (a row per (UNet scale, text-encoder scale), a block of columns per guidance scale: the
-prompts x seeds) and ``<out>/scores.csv`` (a row per cell: ``guidance_scale``, ``lora_unet_scale``,
+writes ``<out>/grid.png`` (the subject's photos, then a row per (UNet scale, text-encoder scale), a block of columns per
+guidance scale: the prompts x seeds; each render enlarged or reduced to ``--cell-size`` and captioned with its guidance,
+prompt number, seed and scores) and ``<out>/scores.csv`` (a row per cell: ``guidance_scale``, ``lora_unet_scale``,
 ``lora_text_encoder_scale``, ``dino``, ``clip_i``, ``clip_t``, ``images``). A full fine-tune's export is a base model
 (``--base <export>/pipeline``, no ``--lora``); the LoRA scales then change nothing.
 """
@@ -27,7 +28,16 @@ import numpy as np
 import torch
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from callbacks.grid import make_grid, save_png_atomic
+from callbacks import pictures
+from callbacks.pictures import (
+    DEFAULT_CELL_SIZE,
+    Row,
+    check_cell_size,
+    compose,
+    reference_row,
+    save_png_atomic,
+    score_chunks,
+)
 from datamodules.images import check_image_folder, load_image
 from datamodules.prompts import PROMPT_SETS, fill, resolve_templates
 from lightning_modules.errors import report_user_errors
@@ -62,12 +72,12 @@ def run_sweep(
     size: tuple[int, int],
     scorer: SubjectScorer,
 ) -> tuple[list[dict], list[dict]]:
-    """Render and score each cell; return (one score row per cell, one grid record per image)."""
+    """Render and score each cell; return (one score row per cell, one record per image: ``image``, ``cell``,
+    ``prompt_number`` (1-based), ``seed`` and per-image ``scores``)."""
     rows, records = [], []
-    row_of = {}  # (unet, te) -> grid row
     batch_prompts = [p for p in prompts for _ in seeds]  # (P * S,)
     batch_seeds = [s for _ in prompts for s in seeds]
-    guidances = list(dict.fromkeys(c.guidance_scale for c in cells))  # in order: the column blocks
+    numbers = [i + 1 for i in range(len(prompts)) for _ in seeds]
     for cell in cells:
         cell_settings = replace(
             settings,
@@ -77,23 +87,44 @@ def run_sweep(
         )
         images = render(pipe, batch_prompts, batch_seeds, cell_settings, *size)  # (P * S, 3, H, W) in [0, 1]
         scorer.reset()
-        scorer.update(images, batch_prompts, [0] * len(images), [False] * len(images))
+        per_image = scorer.update(images, batch_prompts, [0] * len(images), [False] * len(images))
         scores = {k: v for k, v in scorer.compute().items() if k in ("dino", "clip_i", "clip_t")}
         rows.append({**vars(cell), **scores, "images": len(images)})
-        row = row_of.setdefault((cell.lora_unet_scale, cell.lora_text_encoder_scale), len(row_of))
-        block = guidances.index(cell.guidance_scale) * len(images)
         pixels = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
         for k, image in enumerate(pixels):
-            records.append({"image": np.ascontiguousarray(image), "prompt_index": row, "image_index": block + k})
-    for record in records:  # caption each row with its scales and its cells' scores
-        unet, te = next(key for key, r in row_of.items() if r == record["prompt_index"])
-        cell_text = [
-            f"g{r['guidance_scale']:g}: dino {r['dino']:.3f} clip-t {r['clip_t']:.3f}"
+            records.append(
+                {
+                    "image": np.array(image, copy=True),
+                    "cell": cell,
+                    "prompt_number": numbers[k],
+                    "seed": batch_seeds[k],
+                    "scores": {name: float(per_image[name][k]) for name in ("dino", "clip_i", "clip_t")},
+                }
+            )
+    return rows, records
+
+
+def sweep_rows(rows: list[dict], records: list[dict]) -> list[Row]:
+    """A picture row per (UNet scale, text-encoder scale), labelled with its cells' mean scores; its cells are the
+    renders of each guidance scale in turn, each captioned with its guidance, prompt number, seed and scores."""
+    out = []
+    for unet, te in dict.fromkeys((c.lora_unet_scale, c.lora_text_encoder_scale) for c in (r["cell"] for r in records)):
+        means = [
+            f"CFG {r['guidance_scale']:g}: dino {r['dino']:.3f}, clip-t {r['clip_t']:.3f}"
             for r in rows
             if (r["lora_unet_scale"], r["lora_text_encoder_scale"]) == (unet, te)
         ]
-        record["prompt"] = f"unet {unet:g} te {te:g} | " + " | ".join(cell_text)
-    return rows, records
+        cells = [
+            pictures.Cell(
+                r["image"],
+                [f"CFG {r['cell'].guidance_scale:g}", f"prompt {r['prompt_number']}", f"seed {r['seed']}"]
+                + score_chunks(r["scores"]),
+            )
+            for r in records
+            if (r["cell"].lora_unet_scale, r["cell"].lora_text_encoder_scale) == (unet, te)
+        ]
+        out.append(Row(f"LoRA UNet {unet:g}, text encoder {te:g} | " + " | ".join(means), cells))
+    return out
 
 
 def write_scores(path: Path, rows: list[dict]) -> None:
@@ -126,7 +157,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag; 'none' for none")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--cell-size", type=int, default=DEFAULT_CELL_SIZE, help="pixels per grid cell (at least 128)")
     args = p.parse_args(argv)
+    try:
+        check_cell_size(args.cell_size, "--cell-size")
+    except ValueError as e:
+        p.error(str(e))
     if args.lora:
         try:
             resolve_lora_file(args.lora, "--lora")  # before any model loads
@@ -139,9 +175,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     templates = resolve_templates(args.prompts[0] if args.prompts[0] in PROMPT_SETS else args.prompts, "--prompts")
     prompts = [fill(t, args.identifier, args.class_noun).strip() for t in templates]
-    references = [
-        pil_to_tensor(load_image(p)).float() / 255 for p in check_image_folder(args.instance_dir, "--instance-dir")
-    ]
+    photos = check_image_folder(args.instance_dir, "--instance-dir")
+    references = [pil_to_tensor(load_image(p)).float() / 255 for p in photos]
     settings = SamplingSettings(
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
@@ -164,10 +199,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, records = run_sweep(pipe, prompts, args.seeds, cells, settings, (args.height, args.width), scorer)
     args.out.mkdir(parents=True, exist_ok=True)
     write_scores(args.out / "scores.csv", rows)
-    title = (
-        f"columns: guidance {', '.join(f'{g:g}' for g in args.guidance)} x {len(prompts)} prompts x seeds {args.seeds}"
-    )
-    save_png_atomic(make_grid(records, title), args.out / "grid.png")
+    title = [
+        f"scale sweep: columns = guidance {', '.join(f'{g:g}' for g in args.guidance)} x {len(prompts)} prompts x "
+        f"seeds {', '.join(map(str, args.seeds))}; a row per LoRA scale pair",
+        *(f"prompt {i + 1}: {prompt}" for i, prompt in enumerate(prompts)),
+        f"{args.sampler}, {args.steps} steps, {args.width}x{args.height} px | model {args.base}"
+        + (f" + LoRA {args.lora}" if args.lora else ""),
+    ]
+    subject = reference_row(photos, min(args.height, args.width))
+    picture = compose(title, [subject, *sweep_rows(rows, records)], args.cell_size)
+    save_png_atomic(picture, args.out / "grid.png")
     best = max(rows, key=lambda r: r["dino"])
     print(f"Wrote {args.out / 'grid.png'} and {args.out / 'scores.csv'} ({len(rows)} cells); best DINO: {best}")
     return rows

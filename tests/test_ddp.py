@@ -9,9 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from PIL import Image
-
-from callbacks.grid import LABEL_HEIGHT
+from callbacks.pictures import read_layout
 from callbacks.run_dir import run_dir
 from train import cli_main
 
@@ -40,10 +38,20 @@ def test_two_process_ddp_fit(run_args, tmp_path):
     # Rank 0 alone wrote the run directory: one version, with the export, grids and logs.
     (version,) = (tmp_path / "runs" / "lightning_logs").iterdir()
     assert (version / "export" / "pytorch_lora_weights.safetensors").is_file()
-    assert sorted(p.name for p in (version / "grids").glob("*.png")) == ["step_000000.png", "step_000002.png"]
+    assert sorted(p.name for p in (version / "grids").glob("*.png")) == [
+        "progress.png",
+        "step_000000.png",
+        "step_000002.png",
+    ]
     # Every prompt rendered once across the two ranks: 4 subject prompts + the PRES prompt, 2 images each.
-    grid = Image.open(version / "grids" / "step_000000.png")
-    assert grid.height == LABEL_HEIGHT + 5 * (LABEL_HEIGHT + 64)
+    layout = read_layout(version / "grids" / "step_000000.png")
+    assert [r["kind"] for r in layout["rows"]] == ["reference"] + ["renders"] * 5
+    assert all(len(r["cells"]) == 2 for r in layout["rows"][1:])
+    strip = read_layout(version / "grids" / "progress.png")  # one column per validation, drawn by rank 0
+    assert [len(r["cells"]) for r in strip["rows"][1:]] == [2] * 4
+    # The summary, printed once (rank 0), last.
+    assert result.stdout.count("fit finished at step 2. Where to look:") == 1
+    assert result.stdout.rstrip().splitlines()[-1].startswith("  val/div ")
     ddp_rows = _val_rows(version / "metrics.csv")
     assert sorted(ddp_rows) == [0, 2]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from callbacks.pictures import read_layout
 from callbacks.run_dir import run_dir
 from datamodules.toy_subject import draw_toy_subject
 from train import cli_main
@@ -93,6 +94,16 @@ def test_dreambench_folder_gives_a_complete_report(bench_dir, lora_export, tmp_p
     assert {r["prompt"] for r in images if r["subject"] == "blue_dog"} == {"a sks dog in the jungle", "a dog"}
     assert {r["prompt"] for r in images if r["subject"] == "red_ball"} == {"a sks ball in the jungle", "a ball"}
     assert sorted(p.name for p in (folder / "grids").glob("*.png")) == ["blue_dog.png", "red_ball.png"]
+    # Each subject's grid opens with its photos as trained, then its renders, 64 px enlarged to 256 px and captioned.
+    layout = read_layout(folder / "grids" / "red_ball.png")
+    reference, *renders = layout["rows"]
+    assert reference["kind"] == "reference" and reference["label"].startswith("the subject: 3 photos as trained (64 px")
+    assert [c["caption"] for c in reference["cells"]] == [[p.name] for p in sorted((bench_dir / "red_ball").iterdir())]
+    assert [r["label"] for r in renders] == ["a sks ball in the jungle", "a ball (the class prompt)"]
+    assert all(c["box"][2] - c["box"][0] == 256 for r in layout["rows"] for c in r["cells"])
+    assert renders[0]["cells"][0]["caption"][0].startswith("seed 0, dino ")
+    assert renders[1]["cells"][0]["caption"][0].startswith("seed 1000, pres ")
+    assert layout["title"][0].startswith("red_ball (ball): dino ")
     assert math.isclose(cli.trainer.callback_metrics["test/dino"].item(), report["mean"]["dino"], rel_tol=1e-6)
 
 

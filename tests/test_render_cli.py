@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import lightning_modules.dreambooth
+from callbacks.pictures import read_layout
 from lightning_modules.infotext import JSON_KEY, PARAMETERS_KEY, parse_parameters
 from lightning_modules.sampling import image_seed
 from train import cli_main
@@ -69,9 +70,14 @@ def test_predict_writes_pngs_with_their_settings(predict, lora_export, tmp_path)
     out = predict(*args, config=lora_export / "config.yaml")  # the run's own config, as the README says
     files = sorted(out.glob("0*.png"))
     assert [f.name[:7] for f in files] == ["000-00-", "000-01-", "001-00-", "001-01-"]
-    assert (out / "contact_sheet.png").is_file()
     image = Image.open(files[3])
-    assert image.size == (96, 64)
+    assert image.size == (96, 64)  # the rendered size: only the contact sheet enlarges
+    sheet = read_layout(out / "contact_sheet.png")
+    assert sheet["title"][1].startswith("euler_a, 3 steps, CFG 4 | 96x64 px | LoRA scale UNet 0.8, text encoder 0.5")
+    assert [r["label"] for r in sheet["rows"]] == ["a photo of sks ball", "a red sks ball, studio light"]
+    cells = [c for r in sheet["rows"] for c in r["cells"]]
+    assert [(c["box"][2] - c["box"][0], c["box"][3] - c["box"][1]) for c in cells] == [(192, 128)] * 4  # x 2
+    assert [c["caption"] for c in cells][3] == [f"seed {image_seed(7 + 1, 1)}"]
     info = parse_parameters(image.text[PARAMETERS_KEY])
     assert info == {
         "Prompt": "a red sks ball, studio light",

@@ -8,12 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import wandb
 from PIL import Image
 
+from callbacks.pictures import read_layout
 from callbacks.run_dir import run_dir
+from datamodules.datasets import as_trained
+from datamodules.images import load_image
 from tests.wandb_records import history
-from train import cli_main
+from train import cli_main, run
 
 ROOT = Path(__file__).resolve().parents[1]
 WANDB = [
@@ -28,13 +32,13 @@ def _wandb_run_file(save_dir: Path) -> Path:
     return run_file
 
 
-def test_wandb_offline_run_holds_grids_and_metrics(run_args, tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_grids_and_metrics(run_args, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     wandb.finish()  # no run left over from another test in this process: the logger would reuse it
     save_dir = tmp_path / "wb"
     monkeypatch.setenv("WANDB_DIR", str(save_dir))
-    cli = cli_main(run_args(*WANDB, f"--trainer.logger.save_dir={save_dir}", "--trainer.val_check_interval=2", steps=4))
-    wandb.finish()  # a script's exit flushes the run file; in-process, finish it first
+    cli = run(run_args(*WANDB, f"--trainer.logger.save_dir={save_dir}", "--trainer.val_check_interval=2", steps=4))
+    wandb.finish()  # a script's exit flushes the run file; in-process, finish it first (run() did, for the summary)
     wandb.teardown()  # and leave no W&B service or settings behind for later tests in this process
     rows = history(_wandb_run_file(save_dir))
     metric_steps = {
@@ -48,18 +52,23 @@ def test_wandb_offline_run_holds_grids_and_metrics(run_args, tmp_path, monkeypat
     media = list(save_dir.glob("wandb/offline-run-*/files/media/images/val/grid_*.png"))
     tables = list(save_dir.glob("wandb/offline-run-*/files/media/table/val/samples_*.table.json"))
     assert len(media) == 3 and len(tables) == 3
+    (progress,) = save_dir.glob("wandb/offline-run-*/files/media/images/val/progress_*.png")  # logged once, at the end
+    assert Image.open(progress).size == Image.open(run_dir(cli.trainer) / "grids" / "progress.png").size
     table = json.loads(tables[0].read_text())
     assert table["columns"][:4] == ["step", "prompt", "seed", "image"] and "dino" in table["columns"]
     assert len(table["data"]) == 5 * 2  # 4 prompts + the PRES prompt, 2 images each
     # Grids on disk too, one per validation, and the best-DINO checkpoint.
     folder = run_dir(cli.trainer)
-    assert sorted(p.name for p in (folder / "grids").glob("*.png")) == [
+    assert sorted(p.name for p in (folder / "grids").glob("step_*.png")) == [
         "step_000000.png",
         "step_000002.png",
         "step_000004.png",
     ]
     assert list((folder / "checkpoints").glob("best-dino-*.ckpt"))
     assert 0.0 <= rows[-1].get("val/dino", 0.5) <= 1.0
+    # The summary names the W&B run's folder and how to upload it.
+    (run_folder,) = save_dir.glob("wandb/offline-run-*")
+    assert f"W&B run          {run_folder} (offline; upload with: wandb sync {run_folder})" in capsys.readouterr().out
 
 
 def test_csv_logger_only(run_args):
@@ -123,3 +132,82 @@ def test_sweep_files_name_real_options(sweep, capsys):
     for name, values in spec["parameters"].items():
         group, option = name.split(".")
         assert printed[group][option] == values["values"][-1]
+
+
+def test_grids_show_the_subject_beside_readable_captioned_renders_and_the_progress(run_args, toy_subject_dir, capsys):
+    cli = run(run_args("--trainer.val_check_interval=1", steps=2))  # as `python train.py fit` runs: then the summary
+    folder = run_dir(cli.trainer) / "grids"
+    grid = np.asarray(Image.open(folder / "step_000002.png"))
+    layout = read_layout(folder / "step_000002.png")
+    assert layout["title"][0].startswith("step 2   val/dino ")
+    assert layout["title"][1].startswith("dpm++, 8 steps, CFG 5 | 64x64 px | LoRA scale UNet 1, text encoder 1")
+    # The reference row: the subject's photos as trained (64 px, center crop), enlarged x 4, labelled.
+    reference, *renders = layout["rows"]
+    photos = sorted(toy_subject_dir.glob("*.png"))
+    assert reference["kind"] == "reference"
+    assert reference["label"] == "the subject: 4 photos as trained (64 px, center crop)"
+    assert [c["caption"] for c in reference["cells"]] == [[p.name] for p in photos]
+    for cell, photo in zip(reference["cells"], photos, strict=True):
+        x0, y0, x1, y1 = cell["box"]
+        assert np.array_equal(
+            grid[y0:y1, x0:x1], np.asarray(as_trained(load_image(photo), 64)).repeat(4, 0).repeat(4, 1)
+        )
+    # The renders: 64 px -> 256 px cells (nearest neighbour), each captioned with its seed and scores.
+    assert [r["label"] for r in renders] == [cli.datamodule.val_dataset.rows[i][0] for i in range(4)] + [
+        "a ball (the class prompt)"
+    ]
+    assert all(
+        c["box"][2] - c["box"][0] == 256 and c["box"][3] - c["box"][1] == 256 for r in renders for c in r["cells"]
+    )
+    caption = renders[1]["cells"][1]["caption"]
+    assert (
+        caption[0].startswith("seed 1001, dino ") and "clip-i " in " ".join(caption) and "clip-t " in " ".join(caption)
+    )
+    assert renders[4]["cells"][0]["caption"][0].startswith("seed 4000, pres ")
+    # The progress strip: the subject, then the first 4 prompts, one column per validation step with its val/dino.
+    strip = read_layout(folder / "progress.png")
+    assert [r["kind"] for r in strip["rows"]] == ["reference"] + ["progress"] * 4
+    with open(run_dir(cli.trainer) / "metrics.csv") as f:
+        dino = {int(r["step"]): float(r["val/dino"]) for r in csv.DictReader(f) if r.get("val/dino")}
+    assert sorted(dino) == [0, 1, 2]
+    for row in strip["rows"][1:]:
+        assert [c["caption"] for c in row["cells"]] == [[f"step {s}, val/dino {dino[s]:.3f}"] for s in (0, 1, 2)]
+    # Its last column is image 1 of each prompt in the last grid, pixel for pixel.
+    pixels = np.asarray(Image.open(folder / "progress.png"))
+    for row, grid_row in zip(strip["rows"][1:], renders, strict=False):
+        a, b = row["cells"][-1]["box"], grid_row["cells"][0]["box"]
+        assert np.array_equal(pixels[a[1] : a[3], a[0] : a[2]], grid[b[1] : b[3], b[0] : b[2]])
+    # fit ends by printing where to look and the first / last validation metrics.
+    out = capsys.readouterr().out
+    summary = out[out.index("fit finished at step 2. Where to look:") :].splitlines()
+    assert f"  run directory    {run_dir(cli.trainer)}" in summary
+    assert f"  progress strip   {folder / 'progress.png'}" in summary
+    assert f"  export           {run_dir(cli.trainer) / 'export'}" in summary
+    assert summary[-6].split() == ["val/*", "step", "0", "step", "2", "change"]
+    assert summary[-5].split()[:3] == ["val/dino", f"{dino[0]:.3f}", f"{dino[2]:.3f}"]
+    assert summary[-1].startswith("  val/div ")  # the last thing printed
+
+
+def test_the_pictures_change_nothing_in_training(run_args):
+    def trained(*overrides):
+        cli = cli_main(run_args("--trainer.val_check_interval=1", *overrides, steps=2))
+        return {n: p.detach().clone() for n, p in cli.model.named_parameters() if p.requires_grad}
+
+    with_pictures = trained()
+    without = trained("--grid.enabled=false", "--summary.enabled=false")
+    assert with_pictures.keys() == without.keys()
+    assert all(torch.equal(with_pictures[n], without[n]) for n in with_pictures)
+
+
+def test_the_progress_strip_and_summary_survive_a_resume(run_args, capsys):
+    every_step = "--trainer.callbacks.init_args.every_n_train_steps=1"
+    first = cli_main(run_args("--trainer.val_check_interval=1", every_step, steps=1))
+    ckpt = run_dir(first.trainer) / "checkpoints" / "last.ckpt"  # saved at step 1, before step 1's validation
+    resumed = run([*run_args("--trainer.val_check_interval=1", steps=2), "--ckpt_path", str(ckpt)])
+    assert run_dir(resumed.trainer) != run_dir(first.trainer)  # a new run directory: the strip came from the checkpoint
+    strip = read_layout(run_dir(resumed.trainer) / "grids" / "progress.png")
+    steps = [c["caption"][0].split(",")[0] for c in strip["rows"][1]["cells"]]
+    # Step 0 was rendered by the first process; step 1's validation ran after the checkpoint was saved, and Lightning
+    # does not repeat it on resume (it is in the first run's grids); step 2 is the resumed run's.
+    assert steps == ["step 0", "step 2"]
+    assert "  val/*       step 0  step 2  change" in capsys.readouterr().out

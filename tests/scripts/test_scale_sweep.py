@@ -8,6 +8,7 @@ import math
 import pytest
 from PIL import Image
 
+from callbacks.pictures import read_layout
 from scripts.scale_sweep import main, sweep_cells
 
 
@@ -47,8 +48,13 @@ def test_scale_sweep_writes_grid_and_scores(lora_export, toy_subject_dir, tmp_pa
     }
     by_cell = {(r["guidance_scale"], r["lora_unet_scale"], r["lora_text_encoder_scale"]): r["dino"] for r in rows}
     assert by_cell[("5.000000", "0.000000", "0.000000")] != by_cell[("5.000000", "1.000000", "1.000000")]
-    grid = Image.open(out / "grid.png")
-    assert grid.width >= 2 * 64 and grid.height >= 4 * 64  # 4 rows of (unet, te); 2 guidance x 1 seed columns
+    layout = read_layout(out / "grid.png")  # the subject's photos, then 4 rows of (unet, te); 2 guidance x 1 seed
+    assert [r["kind"] for r in layout["rows"]] == ["reference"] + ["renders"] * 4
+    assert layout["rows"][1]["label"].startswith("LoRA UNet 0, text encoder 0 | CFG 1: dino ")
+    cells = [c for r in layout["rows"][1:] for c in r["cells"]]
+    assert len(cells) == 8 and all(c["box"][2] - c["box"][0] == 256 for c in cells)  # 64 px x 4
+    assert cells[1]["caption"][0].startswith("CFG 5, prompt 1, seed 0, dino ")
+    assert Image.open(out / "grid.png").width >= 4 * 256  # the 4 photos
 
 
 def test_missing_lora_export_is_named(tmp_path, capsys):
