@@ -6,7 +6,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from callbacks.distributed import all_gather_list
@@ -47,6 +47,8 @@ class DreamBenchEvaluation(pl.Callback):
         clip_pretrained: open_clip pretrained tag. Linked from ``metrics.clip_pretrained``.
         div_distance: DIV's distance, ``lpips`` or ``dino``. Linked from ``metrics.div_distance``.
         cell_size: Longest side of a cell of the per-subject grids, in pixels. Linked from ``grid.cell_size``.
+        grid_size: Deprecated and ignored (run configs saved before ``cell_size`` replaced it still load); the cells
+            are ``grid.cell_size``.
     """
 
     def __init__(
@@ -58,7 +60,10 @@ class DreamBenchEvaluation(pl.Callback):
         clip_pretrained: str | None = "openai",
         div_distance: Literal["lpips", "dino"] = "lpips",
         cell_size: int = DEFAULT_CELL_SIZE,
+        grid_size: int | None = None,
     ) -> None:
+        if grid_size is not None:
+            rank_zero_warn(f"evaluation.grid_size ({grid_size}) is ignored: the grids' cells are grid.cell_size now.")
         self.enabled, self.dirname = enabled, dirname
         self.cell_size = check_cell_size(cell_size, "evaluation.cell_size")
         self.dino_model, self.clip_model, self.clip_pretrained = dino_model, clip_model, clip_pretrained

@@ -15,6 +15,8 @@ from datamodules.toy_subject import draw_toy_subject
 from train import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
+
+ROOT = Path(__file__).resolve().parents[1]
 TABLE = """Classes
 
 subject_name,class
@@ -122,3 +124,13 @@ def test_unknown_subject_is_named(bench_dir, tmp_path, toy_subject_dir):
     args = [f"--data.eval_data_dir={bench_dir}", "--data.eval_subjects=[red_ball, green_cat]"]
     with pytest.raises(ValueError, match=r"data\.eval_subjects.*green_cat"):
         cli_main(_test_args(tmp_path, toy_subject_dir, *args))
+
+
+def test_run_configs_saved_with_grid_size_still_parse(capsys):
+    """Run configs saved before ``evaluation.cell_size`` replaced ``evaluation.grid_size`` keep loading for ``test``."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(
+            ["test", "--config", str(ROOT / "configs" / "tiny.yaml"), "--evaluation.grid_size=256", "--print_config"]
+        )
+    assert exit_info.value.code in (0, None)
+    assert "grid_size: 256" in capsys.readouterr().out
