@@ -1,10 +1,12 @@
-"""Stable Diffusion 1.x models built offline from configs, addressed as ``builtin:<name>``.
+"""Stable Diffusion 1.x / 2.x models built offline from configs, addressed as ``builtin:<name>``.
 
 No machine here reaches a model hub, so tests, the demo and memory benchmarks use models built locally:
 
 - ``builtin:tiny-sd``: a tiny SD 1.x (UNet, VAE with a downscale factor of 4, 2-layer CLIP text encoder,
   the real CLIP tokenizer, the SD 1.x PNDM scheduler) with fixed-seed random weights; native size 64 px.
 - ``builtin:tiny-sd-v``: the same with a ``v_prediction`` scheduler.
+- ``builtin:tiny-sd2``: a tiny SD 2.x (the 2.1-768-v shape: OpenCLIP-style text encoder with ``gelu``, SD 2.x's
+  padding token ``!``, linear projections in the UNet's transformers, head widths per level, ``v_prediction``).
 - ``builtin:small-sd``: a small SD 1.x (UNet channels 64-128-256 with cross-attention, VAE factor 4), native
   size 128 px, for speed benchmarks: large enough that the UNet dominates a training step.
 - ``builtin:sd15-random``: the real SD 1.5 architecture with random weights (about 4 GB in float32), for
@@ -95,6 +97,15 @@ def _tiny_sd_configs(prediction_type: str = "epsilon") -> dict[str, dict[str, An
         },
         "scheduler": {**SD1_SCHEDULER, "prediction_type": prediction_type},
     }
+
+
+def _tiny_sd2_configs() -> dict[str, dict[str, Any]]:
+    """A tiny SD 2.x: what differs from SD 1.x in the real models (stabilityai/stable-diffusion-2-1), at tiny size."""
+    cfg = _tiny_sd_configs("v_prediction")
+    cfg["unet"].update({"attention_head_dim": (2, 4), "use_linear_projection": True})  # 16 channels per head
+    cfg["text_encoder"].update({"hidden_act": "gelu"})  # OpenCLIP's MLP activation (OpenAI CLIP: quick_gelu)
+    cfg["tokenizer"] = {"pad_token": "!"}
+    return cfg
 
 
 def _small_sd_configs() -> dict[str, dict[str, Any]]:
@@ -198,6 +209,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     for m in (
         BuiltinModel("tiny-sd", 1, "tiny SD 1.x, epsilon prediction, 64 px", _tiny_sd_configs),
         BuiltinModel("tiny-sd-v", 1, "tiny SD 1.x, v_prediction, 64 px", lambda: _tiny_sd_configs("v_prediction")),
+        BuiltinModel("tiny-sd2", 1, "tiny SD 2.x, v_prediction, 64 px", _tiny_sd2_configs),
         BuiltinModel("small-sd", 1, "small SD 1.x for speed benchmarks, 128 px", _small_sd_configs),
         BuiltinModel("sd15-random", 1, "SD 1.5 architecture, random weights (~4 GB fp32)", _sd15_configs),
         BuiltinModel(
@@ -220,7 +232,7 @@ def _lookup(name: str) -> BuiltinModel:
 
 
 def model_configs(name: str) -> dict[str, dict[str, Any]]:
-    """The component configs (``unet``, ``vae``, ``text_encoder``, ``scheduler``) of a built-in model."""
+    """The component configs (``unet``, ``vae``, ``text_encoder``, ``scheduler``, optionally ``tokenizer``) of a built-in model."""
     return copy.deepcopy(_lookup(name).configs())
 
 
@@ -258,7 +270,8 @@ def build_builtin(name: str, out_dir: str | Path) -> None:
     if any(out_dir.iterdir()):
         raise FileExistsError(f"build_builtin: {out_dir} is not empty")
     tokenizer_dir = out_dir / "tokenizer"
-    write_clip_tokenizer(tokenizer_dir)
+    tokenizer_options = cfg.get("tokenizer", {})
+    write_clip_tokenizer(tokenizer_dir, **tokenizer_options)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     with cpu_seeded(SEED):
         unet = UNet2DConditionModel(**cfg["unet"])
@@ -284,7 +297,7 @@ def build_builtin(name: str, out_dir: str | Path) -> None:
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # transformers may save the tokenizer in its own layout; keep the SD 1.x one (vocab.json + merges.txt),
     # which every transformers version reads.
-    write_clip_tokenizer(tokenizer_dir)
+    write_clip_tokenizer(tokenizer_dir, **tokenizer_options)
 
 
 def _is_complete(folder: Path) -> bool:
