@@ -151,3 +151,22 @@ def test_sd2_config_loads():
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(ROOT / "configs" / "sd2_lora.yaml"), "--print_config"])
     assert exit_info.value.code in (0, None)
+
+
+def test_sd2_resume_gives_the_same_weights_bitwise(run_args):
+    """A v-prediction SD 2.x LoRA run resumed mid-way ends with the uninterrupted run's weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    sd2 = ("--model.pretrained_model_name_or_path=builtin:tiny-sd2", "--trainer.limit_val_batches=0")
+    every_step = ("--trainer.callbacks.init_args.every_n_train_steps=1", "--trainer.callbacks.init_args.save_top_k=-1")
+    reference = cli_main(run_args(*sd2, *every_step, steps=3))
+    ref_dir = run_dir(reference.trainer)
+    (ckpt,) = (ref_dir / "checkpoints").glob("*-step=2.ckpt")
+    record = "--trainer.callbacks+=tests.helpers.RecordStart"
+    resumed = cli_main(run_args(*sd2, record, steps=3) + ["--ckpt_path", str(ckpt)])
+    start = next(cb for cb in resumed.trainer.callbacks if type(cb).__name__ == "RecordStart")
+    assert start.global_step == 2 and start.optimizer_step == 2  # it resumed, not started over
+    assert resumed.trainer.global_step == 3
+    a = load_file(ref_dir / "export" / "pytorch_lora_weights.safetensors")
+    b = load_file(run_dir(resumed.trainer) / "export" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
