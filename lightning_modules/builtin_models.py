@@ -31,34 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from lightning_modules.errors import ConfigError
+from lightning_modules.sd_configs import CLIP_TEXT_COMMON, SD1_SCHEDULER
 
 BUILTIN_PREFIX = "builtin:"
 CACHE_ENV = "DREAMBOOTH_CACHE"
 DEFAULT_CACHE = Path("~/.cache/dreambooth_lightning")
 SEED = 0
-
-# The SD 1.x scheduler config (as in stable-diffusion-v1-5's scheduler/scheduler_config.json).
-SD1_SCHEDULER: dict[str, Any] = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "skip_prk_steps": True,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "trained_betas": None,
-    "timestep_spacing": "leading",
-}
-
-# A CLIP text encoder that fits the real CLIP tokenizer (49408 tokens, 77 positions).
-CLIP_TEXT_COMMON: dict[str, Any] = {
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-    "pad_token_id": 49407,
-}
 
 
 def _tiny_sd_configs(prediction_type: str = "epsilon") -> dict[str, dict[str, Any]]:

@@ -7,6 +7,7 @@ of the code asks the family instead of testing names. The family is detected, ne
   ``text_encoder/config.json`` (OpenAI CLIP, whose MLP uses ``quick_gelu``, for SD 1.x; OpenCLIP-H, ``gelu``, for
   SD 2.x);
 - a hub id: the same three small files, fetched (or read from the local cache when offline) before anything loads;
+  (:func:`lightning_modules.sd_loading.detect_family` picks the way for a path);
 - a single-file checkpoint: its key names (``cond_stage_model.transformer.*`` for SD 1.x,
   ``cond_stage_model.model.*`` for SD 2.x) and the input width of the UNet's first convolution.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,19 +226,3 @@ def family_of_pipeline(pipe: Any) -> Family:
     text_encoder = getattr(pipe, "text_encoder", None)
     te_config = dict(text_encoder.config.to_dict()) if text_encoder is not None else None
     return family_of_configs(dict(pipe.unet.config), te_config, type(pipe).__name__)
-
-
-def detect_family(path: str, revision: str | None = None) -> Family | None:
-    """The family of a resolved model path: a diffusers folder, a single file, or a hub id (None if not at hand).
-
-    Raises :class:`UnsupportedModelError` for a model of a family this project does not train.
-    """
-    from lightning_modules.single_file import is_single_file, read_checkpoint_keys, read_checkpoint_shape
-
-    if os.path.isdir(path):
-        return family_of_folder(path)
-    if os.path.isfile(path) and is_single_file(path):
-        return family_of_keys(read_checkpoint_keys(path), repr(path), lambda key: read_checkpoint_shape(path, key))
-    if os.path.exists(path):
-        return None
-    return family_of_hub_id(path, revision)

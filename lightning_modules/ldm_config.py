@@ -113,14 +113,12 @@ def ldm_config(unet: dict, vae: dict, scheduler: dict, cond_stage_config: dict |
     }
 
 
-def write_ldm_config(pipe: Any, path: str | Path) -> Path:
-    """Write the pipeline's LDM config as YAML (``<checkpoint name>.yaml``, which AUTOMATIC1111 looks for)."""
-    from lightning_modules.families import family_of_pipeline
+def write_ldm_config(pipe: Any, path: str | Path, cond_stage_config: dict | None = None) -> Path:
+    """Write the pipeline's LDM config as YAML (``<checkpoint name>.yaml``, which AUTOMATIC1111 looks for).
 
-    family = family_of_pipeline(pipe)
-    config = ldm_config(
-        dict(pipe.unet.config), dict(pipe.vae.config), dict(pipe.scheduler.config), dict(family.cond_stage_config)
-    )
+    ``cond_stage_config``: the family's text encoder (``Family.cond_stage_config``); SD 1.x's by default.
+    """
+    config = ldm_config(dict(pipe.unet.config), dict(pipe.vae.config), dict(pipe.scheduler.config), cond_stage_config)
     Path(path).write_text(
         "# The original (latent-diffusion) config of the checkpoint beside it, for AUTOMATIC1111, which reads\n"
         "# <checkpoint name>.yaml. Written by dreambooth-lightning from the model's diffusers configs.\n"

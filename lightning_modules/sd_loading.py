@@ -18,8 +18,14 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from lightning_modules.builtin_models import resolve_pretrained
 from lightning_modules.errors import InputFileError, InputNotFoundError
-from lightning_modules.families import detect_family
-from lightning_modules.single_file import SINGLE_FILE_SUFFIXES, is_single_file, load_single_file_pipeline
+from lightning_modules.families import Family, family_of_folder, family_of_hub_id, family_of_keys
+from lightning_modules.single_file import (
+    SINGLE_FILE_SUFFIXES,
+    is_single_file,
+    load_single_file_pipeline,
+    read_checkpoint_keys,
+    read_checkpoint_shape,
+)
 
 
 @dataclass
@@ -42,6 +48,21 @@ def check_model_path(pretrained_model_name_or_path: str, revision: str | None = 
     path = _check_local_path(resolve_pretrained(pretrained_model_name_or_path))
     detect_family(path, revision)
     return path
+
+
+def detect_family(path: str, revision: str | None = None) -> Family | None:
+    """The family of a resolved model path: a diffusers folder, a single file, or a hub id (None if not at hand).
+
+    Raises :class:`lightning_modules.families.UnsupportedModelError` for a model of a family this project does not
+    train.
+    """
+    if os.path.isdir(path):
+        return family_of_folder(path)
+    if os.path.isfile(path) and is_single_file(path):
+        return family_of_keys(read_checkpoint_keys(path), repr(path), lambda key: read_checkpoint_shape(path, key))
+    if os.path.exists(path):
+        return None
+    return family_of_hub_id(path, revision)
 
 
 def _check_local_path(path: str) -> str:

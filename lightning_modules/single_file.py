@@ -34,7 +34,6 @@ from lightning_modules.sd_layout import UNET_PREFIX, VAE_PREFIX, to_original_lay
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 SINGLE_FILE_SUFFIXES = (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)
-SINGLE_FILE_NAME = "model.safetensors"
 
 
 def is_single_file(path: str | Path) -> bool:

@@ -20,6 +20,7 @@ from torchvision.transforms import InterpolationMode
 
 from lightning_modules.errors import ConfigError
 from lightning_modules.rng_state import cpu_seeded
+from metrics.clip_preprocess import attach_clip_preprocess
 
 BUILTIN_PREFIX = "builtin:"
 TINY_DINO = "builtin:tiny-dino"
@@ -227,26 +228,6 @@ def _tiny_dino() -> nn.Module:
         image_size=224,
     )
     return _seeded(lambda: ViTModel(config, add_pooling_layer=False))
-
-
-def attach_clip_preprocess(model: nn.Module) -> nn.Module:
-    """Attach what ``open_clip.create_model`` would to a model built by hand: bicubic resize of the shorter side to
-    the model's image size, CLIP mean / std (read back by :class:`ClipEncoder`)."""
-    import open_clip
-
-    open_clip.set_model_preprocess_cfg(
-        model,
-        {
-            "size": model.visual.image_size,
-            "mode": "RGB",
-            "mean": open_clip.OPENAI_DATASET_MEAN,
-            "std": open_clip.OPENAI_DATASET_STD,
-            "interpolation": "bicubic",
-            "resize_mode": "shortest",
-            "fill_color": 0,
-        },
-    )
-    return model
 
 
 def _tiny_clip() -> nn.Module:

@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from callbacks.run_dir import run_dir
-from lightning_modules.families import SD1, SD2, UnsupportedModelError, detect_family, family_of_keys
-from lightning_modules.sd_loading import check_model_path, load_pipeline
+from lightning_modules.families import SD1, SD2, UnsupportedModelError, family_of_keys
+from lightning_modules.sd_loading import check_model_path, detect_family, load_pipeline
 from lightning_modules.single_file import load_single_file_pipeline
 from train import cli_main
 
