@@ -4,6 +4,7 @@ by name before anything loads (``lightning_modules/families.py``)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,13 +53,20 @@ def test_families_of_the_builtin_models():
         ("StableDiffusionPipeline", {"in_channels": 4}, {"text_encoder_2": ["transformers", "X"]}, "SDXL"),
     ],
 )
-def test_other_families_are_refused_by_name_from_the_command_line(tmp_path, run_args, pipeline, unet, index, named):
+def test_other_families_are_refused_by_name(tmp_path, pipeline, unet, index, named):
     folder = _fake_folder(tmp_path, pipeline, unet, **index)
+    with pytest.raises(UnsupportedModelError, match=re.escape(named)) as info:
+        check_model_path(str(folder))
+    assert str(folder) in str(info.value)
+
+
+def test_another_family_is_refused_from_the_command_line_before_any_work(tmp_path, run_args):
+    folder = _fake_folder(tmp_path, "StableDiffusionXLPipeline", {"in_channels": 4})
     args = run_args("--model.pretrained_model_name_or_path", str(folder), "--data.num_class_images=8")
     result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     (message,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert named in message and str(folder) in message, message
+    assert "SDXL" in message and str(folder) in message, message
     assert "Traceback" not in result.stderr
     assert len(list((tmp_path / "class").glob("*.png"))) == 4  # no class image was generated: refused before any work
 
