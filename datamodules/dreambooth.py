@@ -82,8 +82,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
             ``model.pretrained_model_name_or_path`` by the CLI (``link_arguments``): set it on the model.
         revision: Hub revision of the base model. Linked from ``model.revision`` by the CLI.
         variant: Weight-file variant of the base model, e.g. ``fp16``. Linked from ``model.variant`` by the CLI.
-        single_file_config: Configs of a single-file base model (a diffusers folder or hub id). Linked from
-            ``model.single_file_config`` by the CLI.
+        single_file_config: Configs of a single-file base model (a diffusers folder or hub id; None: its family's).
+            Linked from ``model.single_file_config`` by the CLI.
         class_images_batch_size: Images per pipeline call when generating class images, or ``auto``: on CUDA the
             largest batch that fits (from 32, halved on out-of-memory), on a CPU 8.
         class_images_inference_steps: Sampler (DPM-Solver++) steps per generated class image.
@@ -145,7 +145,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
         revision: str | None = None,
         variant: str | None = None,
-        single_file_config: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        single_file_config: str | None = None,
         class_images_batch_size: int | Literal["auto"] = "auto",
         class_images_inference_steps: int = 25,
         class_images_guidance_scale: float = 7.5,
@@ -225,6 +225,11 @@ class DreamBoothDataModule(pl.LightningDataModule):
         """Check the images and, for ``fit``, generate the missing class images and build the caches (once per node)."""
         hp = self.hparams
         stage = self.trainer.state.fn if self.trainer is not None else "fit"
+        from lightning_modules.sd_loading import check_model_path  # loads diffusers: not at import
+
+        check_model_path(
+            hp.pretrained_model_name_or_path, hp.revision
+        )  # a model of a family we train, from its configs
         if stage == "predict" or (stage == "test" and hp.eval_data_dir):
             return  # renders prompts, or evaluates other subjects: the run's images are not needed
         check_image_folder(hp.instance_data_dir, "data.instance_data_dir", min_side=hp.resolution)

@@ -1,10 +1,12 @@
-"""Stable Diffusion 1.x models built offline from configs, addressed as ``builtin:<name>``.
+"""Stable Diffusion 1.x / 2.x models built offline from configs, addressed as ``builtin:<name>``.
 
 No machine here reaches a model hub, so tests, the demo and memory benchmarks use models built locally:
 
 - ``builtin:tiny-sd``: a tiny SD 1.x (UNet, VAE with a downscale factor of 4, 2-layer CLIP text encoder,
   the real CLIP tokenizer, the SD 1.x PNDM scheduler) with fixed-seed random weights; native size 64 px.
 - ``builtin:tiny-sd-v``: the same with a ``v_prediction`` scheduler.
+- ``builtin:tiny-sd2``: a tiny SD 2.x (the 2.1-768-v shape: OpenCLIP-style text encoder with ``gelu``, SD 2.x's
+  padding token ``!``, linear projections in the UNet's transformers, head widths per level, ``v_prediction``).
 - ``builtin:small-sd``: a small SD 1.x (UNet channels 64-128-256 with cross-attention, VAE factor 4), native
   size 128 px, for speed benchmarks: large enough that the UNet dominates a training step.
 - ``builtin:sd15-random``: the real SD 1.5 architecture with random weights (about 4 GB in float32), for
@@ -29,34 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from lightning_modules.errors import ConfigError
+from lightning_modules.sd_configs import CLIP_TEXT_COMMON, SD1_SCHEDULER
 
 BUILTIN_PREFIX = "builtin:"
 CACHE_ENV = "DREAMBOOTH_CACHE"
 DEFAULT_CACHE = Path("~/.cache/dreambooth_lightning")
 SEED = 0
-
-# The SD 1.x scheduler config (as in stable-diffusion-v1-5's scheduler/scheduler_config.json).
-SD1_SCHEDULER: dict[str, Any] = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "skip_prk_steps": True,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "trained_betas": None,
-    "timestep_spacing": "leading",
-}
-
-# A CLIP text encoder that fits the real CLIP tokenizer (49408 tokens, 77 positions).
-CLIP_TEXT_COMMON: dict[str, Any] = {
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-    "pad_token_id": 49407,
-}
 
 
 def _tiny_sd_configs(prediction_type: str = "epsilon") -> dict[str, dict[str, Any]]:
@@ -95,6 +75,15 @@ def _tiny_sd_configs(prediction_type: str = "epsilon") -> dict[str, dict[str, An
         },
         "scheduler": {**SD1_SCHEDULER, "prediction_type": prediction_type},
     }
+
+
+def _tiny_sd2_configs() -> dict[str, dict[str, Any]]:
+    """A tiny SD 2.x: what differs from SD 1.x in the real models (stabilityai/stable-diffusion-2-1), at tiny size."""
+    cfg = _tiny_sd_configs("v_prediction")
+    cfg["unet"].update({"attention_head_dim": (2, 4), "use_linear_projection": True})  # 16 channels per head
+    cfg["text_encoder"].update({"hidden_act": "gelu"})  # OpenCLIP's MLP activation (OpenAI CLIP: quick_gelu)
+    cfg["tokenizer"] = {"pad_token": "!"}
+    return cfg
 
 
 def _small_sd_configs() -> dict[str, dict[str, Any]]:
@@ -198,6 +187,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     for m in (
         BuiltinModel("tiny-sd", 1, "tiny SD 1.x, epsilon prediction, 64 px", _tiny_sd_configs),
         BuiltinModel("tiny-sd-v", 1, "tiny SD 1.x, v_prediction, 64 px", lambda: _tiny_sd_configs("v_prediction")),
+        BuiltinModel("tiny-sd2", 1, "tiny SD 2.x, v_prediction, 64 px", _tiny_sd2_configs),
         BuiltinModel("small-sd", 1, "small SD 1.x for speed benchmarks, 128 px", _small_sd_configs),
         BuiltinModel("sd15-random", 1, "SD 1.5 architecture, random weights (~4 GB fp32)", _sd15_configs),
         BuiltinModel(
@@ -220,7 +210,7 @@ def _lookup(name: str) -> BuiltinModel:
 
 
 def model_configs(name: str) -> dict[str, dict[str, Any]]:
-    """The component configs (``unet``, ``vae``, ``text_encoder``, ``scheduler``) of a built-in model."""
+    """The component configs (``unet``, ``vae``, ``text_encoder``, ``scheduler``, optionally ``tokenizer``) of a built-in model."""
     return copy.deepcopy(_lookup(name).configs())
 
 
@@ -258,7 +248,8 @@ def build_builtin(name: str, out_dir: str | Path) -> None:
     if any(out_dir.iterdir()):
         raise FileExistsError(f"build_builtin: {out_dir} is not empty")
     tokenizer_dir = out_dir / "tokenizer"
-    write_clip_tokenizer(tokenizer_dir)
+    tokenizer_options = cfg.get("tokenizer", {})
+    write_clip_tokenizer(tokenizer_dir, **tokenizer_options)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     with cpu_seeded(SEED):
         unet = UNet2DConditionModel(**cfg["unet"])
@@ -284,7 +275,7 @@ def build_builtin(name: str, out_dir: str | Path) -> None:
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # transformers may save the tokenizer in its own layout; keep the SD 1.x one (vocab.json + merges.txt),
     # which every transformers version reads.
-    write_clip_tokenizer(tokenizer_dir)
+    write_clip_tokenizer(tokenizer_dir, **tokenizer_options)
 
 
 def _is_complete(folder: Path) -> bool:

@@ -62,8 +62,10 @@ def clip_vocab_and_merges(bpe_path: str | Path | None = None) -> tuple[dict[str,
     return vocab, merges
 
 
-def write_clip_tokenizer(out_dir: str | Path) -> None:
+def write_clip_tokenizer(out_dir: str | Path, pad_token: str = EOS_TOKEN) -> None:
     """Write a ``CLIPTokenizer`` folder (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json).
+
+    ``pad_token``: SD 1.x pads with ``<|endoftext|>``; SD 2.x (OpenCLIP's tokenizer) pads with ``!`` (id 0).
 
     The folder appears atomically: files are written to a temporary sibling folder that is then renamed
     into place. An existing ``out_dir`` is replaced.
@@ -71,7 +73,7 @@ def write_clip_tokenizer(out_dir: str | Path) -> None:
     from lightning_modules.safe_files import atomic_directory  # imports torch, which this module's import avoids
 
     vocab, merges = clip_vocab_and_merges()
-    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
+    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": pad_token}
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": MODEL_MAX_LENGTH,

@@ -97,7 +97,7 @@ def check_controlnet_fits(controlnet: ControlNetModel, unet: UNet2DConditionMode
         if mine is not None and str(list(_as_list(mine))) != str(list(_as_list(theirs))):
             raise ConfigError(
                 f"model.controlnet: {name!r} does not fit the base model's UNet ({key} {mine} vs {theirs}); use a "
-                "ControlNet made for this base model (SD 1.x ControlNets for SD 1.x)."
+                "ControlNet made for this base model's family (SD 1.x ControlNets for SD 1.x, SD 2.x ones for SD 2.x)."
             )
 
 

@@ -82,8 +82,8 @@ class DreamBoothModule(pl.LightningModule):
         revision: Hub revision (branch, tag or commit) of the base model.
         variant: Weight-file variant of the base model, e.g. ``fp16``.
         single_file_config: For a single-file base model: a diffusers folder, hub id or ``builtin:<name>`` whose
-            configs (architecture, tokenizer, scheduler) describe it. A hub id's config files must be in the local
-            cache when offline.
+            configs (architecture, tokenizer, scheduler) describe it; None: its family's (SD 1.5's or SD 2.1's, the
+            family told from the file's keys). A hub id's config files must be in the local cache when offline.
         train_text_encoder: Also train the text encoder (fully, or with LoRA when ``use_lora``).
         use_lora: Train LoRA adapters (peft) instead of the full weights; the base model stays frozen.
         lora_rank: LoRA rank r.
@@ -137,7 +137,7 @@ class DreamBoothModule(pl.LightningModule):
         pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
         revision: str | None = None,
         variant: str | None = None,
-        single_file_config: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        single_file_config: str | None = None,
         train_text_encoder: bool = False,
         use_lora: bool = True,
         lora_rank: int = 8,

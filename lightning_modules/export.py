@@ -19,23 +19,26 @@ from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from lightning_modules.errors import InputNotFoundError
+from lightning_modules.export_layout import (
+    INFO_NAME,
+    KOHYA_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    PIPELINE_DIRNAME,
+    SINGLE_FILE_NAME,
+)
+from lightning_modules.families import family_of_pipeline
 from lightning_modules.ldm_config import is_v_prediction, write_ldm_config
 from lightning_modules.lora import lora_metadata, lora_state_dict
 from lightning_modules.lora_formats import (
-    KOHYA_WEIGHT_NAME,
-    LORA_WEIGHT_NAME,
     load_lora_into_pipeline,
     save_kohya_lora,
     with_text_model_prefix,
 )
 from lightning_modules.safe_files import atomic_directory
 from lightning_modules.sd_loading import load_pipeline
-from lightning_modules.single_file import SINGLE_FILE_NAME, save_single_file
+from lightning_modules.single_file import save_single_file
 
 log = logging.getLogger(__name__)
-
-PIPELINE_DIRNAME = "pipeline"
-INFO_NAME = "export_info.json"
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -119,7 +122,7 @@ def _save_single_file(pipe: StableDiffusionPipeline, folder: Path, base_model: s
     if not v_prediction:
         return [SINGLE_FILE_NAME]
     config_name = Path(SINGLE_FILE_NAME).with_suffix(".yaml").name
-    write_ldm_config(pipe, folder / config_name)
+    write_ldm_config(pipe, folder / config_name, dict(family_of_pipeline(pipe).cond_stage_config))
     log.warning(
         "The base model predicts v (v-prediction), which a single-file checkpoint cannot say by itself: %s is "
         "written beside %s for AUTOMATIC1111 (keep them together, with the same name). ComfyUI renders SD 1.x files "

@@ -1,7 +1,8 @@
 """The original (CompVis latent-diffusion) model config of a pipeline, as AUTOMATIC1111 reads it, Lightning-free.
 
 AUTOMATIC1111 takes the config of a single-file checkpoint from ``<checkpoint name>.yaml`` beside the file, and only
-otherwise guesses it from the weights; for Stable Diffusion 1.x it always guesses epsilon prediction. A v-prediction
+otherwise guesses it from the weights; for Stable Diffusion 1.x it always guesses epsilon prediction (for 2.x it
+tries a step of the model). A v-prediction
 model exported as one file therefore needs this config beside it, with ``parameterization: "v"``, or it renders noise
 and nobody is told. The config is written from the pipeline's own diffusers configs, so it describes the exported
 architecture (the tiny test models included), not a stock SD 1.5.
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 V_PREDICTION = "v_prediction"
+SD1_COND_STAGE = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
 
 
 def is_v_prediction(scheduler_config: Any) -> bool:
@@ -71,8 +73,12 @@ def _vae_params(vae: dict) -> dict[str, Any]:
     }
 
 
-def ldm_config(unet: dict, vae: dict, scheduler: dict) -> dict[str, Any]:
-    """The ``LatentDiffusion`` config of a Stable Diffusion 1.x pipeline, from its diffusers configs."""
+def ldm_config(unet: dict, vae: dict, scheduler: dict, cond_stage_config: dict | None = None) -> dict[str, Any]:
+    """The ``LatentDiffusion`` config of a Stable Diffusion pipeline, from its diffusers configs.
+
+    ``cond_stage_config`` is the family's text encoder (:attr:`lightning_modules.families.Family.cond_stage_config`);
+    SD 1.x's ``FrozenCLIPEmbedder`` by default.
+    """
     latent_size = unet.get("sample_size") or 64
     params = {
         "linear_start": scheduler.get("beta_start", 0.00085),
@@ -94,7 +100,7 @@ def ldm_config(unet: dict, vae: dict, scheduler: dict) -> dict[str, Any]:
             "params": _unet_params(unet, latent_size),
         },
         "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": _vae_params(vae)},
-        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
+        "cond_stage_config": dict(cond_stage_config or SD1_COND_STAGE),
     }
     if is_v_prediction(scheduler):
         params = {"parameterization": "v", **params}
@@ -107,9 +113,12 @@ def ldm_config(unet: dict, vae: dict, scheduler: dict) -> dict[str, Any]:
     }
 
 
-def write_ldm_config(pipe: Any, path: str | Path) -> Path:
-    """Write the pipeline's LDM config as YAML (``<checkpoint name>.yaml``, which AUTOMATIC1111 looks for)."""
-    config = ldm_config(dict(pipe.unet.config), dict(pipe.vae.config), dict(pipe.scheduler.config))
+def write_ldm_config(pipe: Any, path: str | Path, cond_stage_config: dict | None = None) -> Path:
+    """Write the pipeline's LDM config as YAML (``<checkpoint name>.yaml``, which AUTOMATIC1111 looks for).
+
+    ``cond_stage_config``: the family's text encoder (``Family.cond_stage_config``); SD 1.x's by default.
+    """
+    config = ldm_config(dict(pipe.unet.config), dict(pipe.vae.config), dict(pipe.scheduler.config), cond_stage_config)
     Path(path).write_text(
         "# The original (latent-diffusion) config of the checkpoint beside it, for AUTOMATIC1111, which reads\n"
         "# <checkpoint name>.yaml. Written by dreambooth-lightning from the model's diffusers configs.\n"

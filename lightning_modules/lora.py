@@ -11,6 +11,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 
 from lightning_modules.errors import ConfigError, InputFileError, InputNotFoundError
+from lightning_modules.export_layout import LORA_WEIGHT_NAME, PIPELINE_DIRNAME
 
 UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -131,8 +132,6 @@ def resolve_lora_file(path: str | Path, option: str = "model.lora_weights") -> P
 
     Cheap (no loading), so it runs at config time. Raises FileNotFoundError naming ``option`` and the path.
     """
-    from lightning_modules.export import LORA_WEIGHT_NAME, PIPELINE_DIRNAME  # export imports this module
-
     path = Path(path).expanduser()
     if path.is_file():
         if path.suffix != ".safetensors":

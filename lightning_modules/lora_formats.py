@@ -23,10 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lightning_modules.errors import InputFileError, InputNotFoundError
+from lightning_modules.export_layout import LORA_WEIGHT_NAME
 from lightning_modules.lora import load_lora_weights
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 ADAPTER = "default"
 TEXT_MODEL = "text_model."
 

@@ -1,4 +1,4 @@
-"""Diffusers weights -> the original Stable Diffusion 1.x checkpoint layout (CompVis / LDM), Lightning-free.
+"""Diffusers weights -> the original Stable Diffusion 1.x / 2.x checkpoint layout (CompVis / LDM), Lightning-free.
 
 diffusers reads that layout (``from_single_file``, ``diffusers.loaders.single_file_utils.convert_ldm_*``) but ships
 no writer in the package (only a hard-coded script for the full-size SD 1.x), so the reverse mapping lives here,
@@ -6,7 +6,8 @@ derived from the model configs so that it fits any SD 1.x-shaped model, the tiny
 
 - UNet -> ``model.diffusion_model.*`` (``input_blocks`` / ``middle_block`` / ``output_blocks``),
 - VAE -> ``first_stage_model.*`` (``encoder.down.{i}.block.{j}``, attention as 1x1 convolutions),
-- CLIP text encoder -> ``cond_stage_model.transformer.text_model.*``.
+- CLIP text encoder -> ``cond_stage_model.transformer.text_model.*`` (SD 1.x), or the OpenCLIP text encoder ->
+  ``cond_stage_model.model.*`` with fused q / k / v projections (SD 2.x).
 
 This is what AUTOMATIC1111, ComfyUI and ``StableDiffusionPipeline.from_single_file`` load. Every key is mapped
 or the conversion fails: nothing is dropped silently.
@@ -17,11 +18,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x's OpenCLIP text encoder
 
 # Inside a UNet ResNet block: diffusers name -> LDM name.
 _UNET_RESNET = {
@@ -148,16 +151,79 @@ def text_encoder_to_original(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
     }
 
 
+# Inside an OpenCLIP residual block: transformers' CLIP name -> OpenCLIP name (q / k / v are fused apart from these).
+_OPENCLIP_BLOCK = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_OPENCLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+
+
+def text_encoder_to_openclip(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An SD 2.x text encoder (transformers ``CLIPTextModel``) in the original OpenCLIP layout (``cond_stage_model.model.*``).
+
+    The inverse of diffusers' ``convert_open_clip_checkpoint``: each layer's q / k / v projections are concatenated into
+    ``attn.in_proj_weight`` / ``in_proj_bias`` in that order. The diffusers model holds the 23 layers that SD 2.x uses
+    (the penultimate layer's output); the original's unused 24th layer and ``text_projection`` have no counterpart and
+    are not written (AUTOMATIC1111, ComfyUI and diffusers load the file without them, and never use them).
+    """
+    out: dict[str, Tensor] = {}
+    fused: dict[str, dict[str, Tensor]] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("text_model.")
+        if name in _OPENCLIP_TOP:
+            out[OPENCLIP_PREFIX + _OPENCLIP_TOP[name]] = value
+            continue
+        if name == "embeddings.position_ids":  # a buffer, not a weight
+            continue
+        parts = name.split(".")
+        if parts[:2] != ["encoder", "layers"] or len(parts) < 5:
+            raise KeyError(f"text encoder weight {key!r} has no place in the OpenCLIP layout")
+        block = f"{OPENCLIP_PREFIX}transformer.resblocks.{parts[2]}."
+        inner = ".".join(parts[3:])
+        if inner.startswith("self_attn.") and inner.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+            kind = inner.split(".")[-1]  # weight or bias
+            fused.setdefault(f"{block}attn.in_proj_{kind}", {})[inner.split(".")[1]] = value
+            continue
+        for old, new in _OPENCLIP_BLOCK.items():
+            if inner.startswith(old + "."):
+                out[block + new + inner[len(old) :]] = value
+                break
+        else:
+            raise KeyError(f"text encoder weight {key!r} has no place in the OpenCLIP layout")
+    for key, qkv in fused.items():
+        if set(qkv) != {"q_proj", "k_proj", "v_proj"}:
+            raise KeyError(f"{key}: the text encoder lacks {sorted({'q_proj', 'k_proj', 'v_proj'} - set(qkv))}")
+        out[key] = torch.cat([qkv["q_proj"], qkv["k_proj"], qkv["v_proj"]], dim=0)
+    return out
+
+
 def to_original_layout(
     unet_state_dict: Mapping[str, Tensor],
     unet_config: Mapping[str, Any],
     vae_state_dict: Mapping[str, Tensor],
     vae_config: Mapping[str, Any],
     text_encoder_state_dict: Mapping[str, Tensor],
+    text_encoder_layout: str = "clip",
 ) -> dict[str, Tensor]:
-    """One state dict in the layout of the original SD 1.x checkpoints (``v1-5-pruned.safetensors``)."""
+    """One state dict in the layout of the original checkpoints (``v1-5-pruned.safetensors``, ``v2-1_768-ema-pruned``).
+
+    ``text_encoder_layout`` is the family's (:class:`lightning_modules.families.Family`): ``clip`` for SD 1.x,
+    ``openclip`` for SD 2.x.
+    """
+    if text_encoder_layout not in ("clip", "openclip"):
+        raise ValueError(f"unknown text encoder layout {text_encoder_layout!r}")
+    to_original = text_encoder_to_openclip if text_encoder_layout == "openclip" else text_encoder_to_original
     return {
         **unet_to_original(unet_state_dict, unet_config),
         **vae_to_original(vae_state_dict, vae_config),
-        **text_encoder_to_original(text_encoder_state_dict),
+        **to_original(text_encoder_state_dict),
     }

@@ -1,4 +1,4 @@
-"""Loading the parts of a Stable Diffusion 1.x model, Lightning-free.
+"""Loading the parts of a Stable Diffusion model (1.x or 2.x: :mod:`lightning_modules.families`), Lightning-free.
 
 Every caller (training, class-image generation, rendering, tests, the demo) goes through these
 functions, so a hub id, a local diffusers folder and a built-in tiny model all take one code path:
@@ -18,7 +18,14 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from lightning_modules.builtin_models import resolve_pretrained
 from lightning_modules.errors import InputFileError, InputNotFoundError
-from lightning_modules.single_file import SINGLE_FILE_SUFFIXES, is_single_file, load_single_file_pipeline
+from lightning_modules.families import Family, family_of_folder, family_of_hub_id, family_of_keys
+from lightning_modules.single_file import (
+    SINGLE_FILE_SUFFIXES,
+    is_single_file,
+    load_single_file_pipeline,
+    read_checkpoint_keys,
+    read_checkpoint_shape,
+)
 
 
 @dataclass
@@ -32,9 +39,33 @@ class SDComponents:
     noise_scheduler: DDPMScheduler
 
 
-def check_model_path(pretrained_model_name_or_path: str) -> str:
-    """Resolve built-in names and fail early, with a clear message, on a local path that is no model."""
-    path = resolve_pretrained(pretrained_model_name_or_path)
+def check_model_path(pretrained_model_name_or_path: str, revision: str | None = None) -> str:
+    """Resolve built-in names and fail early, with a clear message, on a path that is no model we train.
+
+    A local path that is no model, and a model of a family this project does not train (SDXL, SD 3, Flux, an
+    inpainting UNet, ...; :func:`lightning_modules.families.detect_family`), are refused before any weights load.
+    """
+    path = _check_local_path(resolve_pretrained(pretrained_model_name_or_path))
+    detect_family(path, revision)
+    return path
+
+
+def detect_family(path: str, revision: str | None = None) -> Family | None:
+    """The family of a resolved model path: a diffusers folder, a single file, or a hub id (None if not at hand).
+
+    Raises :class:`lightning_modules.families.UnsupportedModelError` for a model of a family this project does not
+    train.
+    """
+    if os.path.isdir(path):
+        return family_of_folder(path)
+    if os.path.isfile(path) and is_single_file(path):
+        return family_of_keys(read_checkpoint_keys(path), repr(path), lambda key: read_checkpoint_shape(path, key))
+    if os.path.exists(path):
+        return None
+    return family_of_hub_id(path, revision)
+
+
+def _check_local_path(path: str) -> str:
     looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path) or is_single_file(path)
     if looks_local:
         if os.path.isfile(path):
@@ -83,7 +114,7 @@ def load_parts(
     diffusers folder or hub id describing the architecture) is used only then, ``revision`` and ``variant`` only
     otherwise.
     """
-    path = check_model_path(pretrained_model_name_or_path)  # fail early, before any part loads
+    path = check_model_path(pretrained_model_name_or_path, revision)  # fail early, before any part loads
     if os.path.isfile(path):
         pipe = load_single_file_pipeline(path, single_file_config)
         return {
@@ -146,7 +177,7 @@ def load_pipeline(
 
     ``components`` (e.g. a trained ``unet``) are used as given instead of being loaded.
     """
-    path = check_model_path(pretrained_model_name_or_path)
+    path = check_model_path(pretrained_model_name_or_path, revision)
     if os.path.isfile(path):
         return load_single_file_pipeline(path, single_file_config, torch_dtype, **components)
     pipe = StableDiffusionPipeline.from_pretrained(

@@ -1,13 +1,14 @@
-"""Single-file Stable Diffusion 1.x checkpoints, as shared on model sites, Lightning-free.
+"""Single-file Stable Diffusion 1.x / 2.x checkpoints, as shared on model sites, Lightning-free.
 
 - Reading: ``.safetensors``, or a pickle-based ``.ckpt`` / ``.pt`` / ``.pth`` only through
   ``torch.load(weights_only=True)``, which builds tensors and plain containers and refuses everything else, so a
-  file that would run code on unpickling is refused before any of it runs. The architecture is checked from the
-  key names first (SD 1.x, not SD 2.x / SDXL), then diffusers' ``from_single_file`` converts the weights, with the
-  diffusers configs (architecture, tokenizer, scheduler) taken from a local folder or a hub id (only its small
-  config files are fetched, and from the local cache when offline).
-- Writing: :func:`save_single_file` writes the UNet, VAE and text encoder of a pipeline in the original layout
-  (:mod:`lightning_modules.sd_layout`), as AUTOMATIC1111 and ComfyUI load it.
+  file that would run code on unpickling is refused before any of it runs. The family is told from the key names
+  first (:func:`lightning_modules.families.family_of_keys`: SD 1.x or 2.x; SDXL, SD 3, Flux and inpainting models
+  are refused by name), then diffusers' ``from_single_file`` converts the weights, with the diffusers configs
+  (architecture, tokenizer, scheduler) taken from a local folder or a hub id (by default the family's
+  ``single_file_config``; only its small config files are fetched, and from the local cache when offline).
+- Writing: :func:`save_single_file` writes the UNet, VAE and text encoder of a pipeline in the original layout of its
+  family (:mod:`lightning_modules.sd_layout`), as AUTOMATIC1111 and ComfyUI load it.
 """
 
 from __future__ import annotations
@@ -26,23 +27,13 @@ from torch import nn
 
 from lightning_modules.builtin_models import resolve_pretrained
 from lightning_modules.errors import InputFileError, InputNotFoundError
-from lightning_modules.sd_layout import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, to_original_layout
+from lightning_modules.families import Family, family_of_keys, family_of_pipeline
+from lightning_modules.ldm_config import is_v_prediction
+from lightning_modules.sd_layout import UNET_PREFIX, VAE_PREFIX, to_original_layout
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 SINGLE_FILE_SUFFIXES = (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)
-DEFAULT_SINGLE_FILE_CONFIG = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SINGLE_FILE_NAME = "model.safetensors"
-
-# Key prefixes that identify the model family of an original-layout checkpoint.
-_OTHER_FAMILIES = {
-    "conditioner.embedders.": "SDXL",
-    "cond_stage_model.model.": "Stable Diffusion 2.x (OpenCLIP text encoder)",
-    "text_encoders.": "Stable Diffusion 3",
-    "double_blocks.": "Flux",
-    "model.diffusion_model.double_blocks.": "Flux",
-    "model.diffusion_model.joint_blocks.": "Stable Diffusion 3",
-}
 
 
 def is_single_file(path: str | Path) -> bool:
@@ -72,6 +63,15 @@ def read_checkpoint_keys(path: str | Path) -> list[str]:
     )
 
 
+def read_checkpoint_shape(path: str | Path, key: str) -> tuple[int, ...]:
+    """The shape of one weight of a single-file checkpoint (a ``.safetensors`` header read; a pickle memory-mapped)."""
+    path = Path(path)
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        with safe_open(str(path), framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+    return tuple(load_pickle_checkpoint(path)[key].shape)
+
+
 def load_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """A ``.ckpt`` state dict through ``torch.load(weights_only=True)`` (memory-mapped when the file allows it).
 
@@ -98,27 +98,23 @@ def load_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
 
 
-def check_sd1_keys(keys: Iterable[str], path: str | Path) -> None:
-    """Refuse, naming the file, a checkpoint that is no complete SD 1.x model in the original layout."""
+def check_checkpoint_keys(keys: Iterable[str], path: str | Path, shape_of=None) -> Family:
+    """The family of a single-file checkpoint; refused, naming the file, if we do not train it or it is incomplete."""
     keys = list(keys)
-    for prefix, family in _OTHER_FAMILIES.items():
-        if any(k.startswith(prefix) for k in keys):
-            raise InputFileError(
-                f"{str(path)!r} is a {family} checkpoint (it has {prefix}* weights); this project trains "
-                "Stable Diffusion 1.x."
-            )
-    parts = {UNET_PREFIX: "UNet", VAE_PREFIX: "VAE", TEXT_ENCODER_PREFIX: "CLIP text encoder"}
+    family = family_of_keys(keys, repr(str(path)), shape_of)
+    parts = {UNET_PREFIX: "UNet", VAE_PREFIX: "VAE", family.text_encoder_prefix: "text encoder"}
     missing = [f"{name} ({prefix}*)" for prefix, name in parts.items() if not any(k.startswith(prefix) for k in keys)]
     if missing:
         raise InputFileError(
-            f"{str(path)!r} is no complete Stable Diffusion 1.x checkpoint in the original layout: it lacks the "
+            f"{str(path)!r} is no complete {family.label} checkpoint in the original layout: it lacks the "
             f"{', '.join(missing)} weights (found e.g. {keys[:3]})."
         )
+    return family
 
 
-def check_single_file(path: str | Path) -> None:
-    """Check that ``path`` is a readable SD 1.x single-file checkpoint, without loading its weights."""
-    check_sd1_keys(read_checkpoint_keys(path), path)
+def check_single_file(path: str | Path) -> Family:
+    """The family of a readable SD 1.x / 2.x single-file checkpoint, checked without loading its weights."""
+    return check_checkpoint_keys(read_checkpoint_keys(path), path, lambda key: read_checkpoint_shape(path, key))
 
 
 def load_single_file_pipeline(
@@ -127,18 +123,18 @@ def load_single_file_pipeline(
     torch_dtype: torch.dtype = torch.float32,
     **components: nn.Module,
 ) -> StableDiffusionPipeline:
-    """A ``StableDiffusionPipeline`` from a single-file SD 1.x checkpoint, through diffusers' ``from_single_file``.
+    """A ``StableDiffusionPipeline`` from a single-file SD 1.x / 2.x checkpoint, through diffusers' ``from_single_file``.
 
     Args:
         path: The ``.safetensors`` (or ``.ckpt``, loaded with ``weights_only``) file.
         config: A diffusers folder, hub id or ``builtin:<name>`` whose configs describe the checkpoint's architecture
-            (and provide tokenizer and scheduler); defaults to SD 1.5's.
+            (and provide tokenizer and scheduler); defaults to the family's (SD 1.5's, SD 2.1's).
         torch_dtype: Dtype of the loaded weights.
         components: Modules to use instead of loading them from the file (e.g. a trained ``unet``).
     """
     path = Path(path)
-    check_single_file(path)
-    config = resolve_pretrained(config or DEFAULT_SINGLE_FILE_CONFIG)
+    family = check_single_file(path)
+    config = resolve_pretrained(config or family.single_file_config)
     try:
         pipe = StableDiffusionPipeline.from_single_file(
             str(path),
@@ -150,7 +146,7 @@ def load_single_file_pipeline(
         )
     except Exception as e:  # diffusers' messages name neither the file nor the config; add both
         raise InputFileError(
-            f"Could not load {str(path)!r} as Stable Diffusion 1.x with the diffusers configs of {config!r} "
+            f"Could not load {str(path)!r} as {family.label} with the diffusers configs of {config!r} "
             f"(model.single_file_config; a diffusers folder or hub id of the same architecture, whose config files "
             f"must be local when offline): {type(e).__name__}: {e}"
         ) from e
@@ -159,15 +155,18 @@ def load_single_file_pipeline(
 
 
 def save_single_file(pipe: StableDiffusionPipeline, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the pipeline's UNet, VAE and text encoder as one ``.safetensors`` in the original SD 1.x layout."""
+    """Write the pipeline's UNet, VAE and text encoder as one ``.safetensors`` in its family's original layout."""
+    family = family_of_pipeline(pipe)
     state = to_original_layout(
         pipe.unet.state_dict(),
         pipe.unet.config,
         pipe.vae.state_dict(),
         pipe.vae.config,
         pipe.text_encoder.state_dict(),
+        family.text_encoder_layout,
     )
     state = {k: v.detach().contiguous() for k, v in state.items()}
-    header = {"format": "pt", "modelspec.architecture": "stable-diffusion-v1", **(metadata or {})}
+    architecture = family.modelspec_architecture(is_v_prediction(pipe.scheduler.config))
+    header = {"format": "pt", "modelspec.architecture": architecture, **(metadata or {})}
     save_file(state, str(path), metadata=header)
     return Path(path)

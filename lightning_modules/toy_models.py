@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from lightning_modules.builtin_models import CLIP_TEXT_COMMON, SD1_SCHEDULER
 from lightning_modules.rng_state import cpu_seeded
+from lightning_modules.sd_configs import CLIP_TEXT_COMMON, SD1_SCHEDULER
 
 TOY_RESOLUTION = 32
 TOY_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "toy-world-v1"
@@ -99,7 +99,7 @@ def build_toy_clip(seed: int = 0) -> nn.Module:
     """An open_clip ``CLIP`` for 32 px images with the preprocessing the metric reads (bicubic, CLIP mean / std)."""
     import open_clip
 
-    from metrics.encoders import attach_clip_preprocess
+    from metrics.clip_preprocess import attach_clip_preprocess
 
     vision_cfg = {"image_size": TOY_RESOLUTION, "layers": 3, "width": 64, "patch_size": 8}
     text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-import open_clip
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
@@ -21,6 +20,7 @@ from torchvision.transforms import InterpolationMode
 
 from lightning_modules.errors import ConfigError
 from lightning_modules.rng_state import cpu_seeded
+from metrics.clip_preprocess import attach_clip_preprocess
 
 BUILTIN_PREFIX = "builtin:"
 TINY_DINO = "builtin:tiny-dino"
@@ -173,6 +173,8 @@ class ClipEncoder(ImageEncoder):
         tokenizer: callable ``list[str] -> LongTensor (N, context_length)``, e.g. ``open_clip.get_tokenizer(...)``.
         name: what reports call this encoder, e.g. ``open_clip:ViT-B-32/openai``.
         """
+        import open_clip  # imported when a CLIP encoder is made: it brings timm (~70 MB resident)
+
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -228,25 +230,9 @@ def _tiny_dino() -> nn.Module:
     return _seeded(lambda: ViTModel(config, add_pooling_layer=False))
 
 
-def attach_clip_preprocess(model: nn.Module) -> nn.Module:
-    """Attach what ``open_clip.create_model`` would to a model built by hand: bicubic resize of the shorter side to
-    the model's image size, CLIP mean / std (read back by :class:`ClipEncoder`)."""
-    open_clip.set_model_preprocess_cfg(
-        model,
-        {
-            "size": model.visual.image_size,
-            "mode": "RGB",
-            "mean": open_clip.OPENAI_DATASET_MEAN,
-            "std": open_clip.OPENAI_DATASET_STD,
-            "interpolation": "bicubic",
-            "resize_mode": "shortest",
-            "fill_color": 0,
-        },
-    )
-    return model
-
-
 def _tiny_clip() -> nn.Module:
+    import open_clip
+
     vision_cfg = {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16}
     text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
     return attach_clip_preprocess(
@@ -286,6 +272,8 @@ def load_clip(name: str = "ViT-B-32", pretrained: str | None = "openai") -> Clip
         pretrained: open_clip pretrained tag or checkpoint path (ignored for ``builtin:`` and ``hf-hub:`` names).
             ``None`` gives random weights: only useful to check shapes.
     """
+    import open_clip
+
     if name == TINY_CLIP:
         return ClipEncoder(_tiny_clip(), open_clip.SimpleTokenizer(context_length=77), name=name)
     if name == TOY_CLIP:

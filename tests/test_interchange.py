@@ -12,9 +12,8 @@ from safetensors.torch import load_file
 
 from callbacks.run_dir import run_dir
 from lightning_modules.export import load_export
-from lightning_modules.lora_formats import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
+from lightning_modules.export_layout import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, SINGLE_FILE_NAME
 from lightning_modules.sd_loading import load_pipeline
-from lightning_modules.single_file import SINGLE_FILE_NAME
 from train import cli_main
 
 TINY = "builtin:tiny-sd"

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from lightning_modules.export import INFO_NAME, export_full, load_export
+from lightning_modules.export import export_full, load_export
+from lightning_modules.export_layout import INFO_NAME, SINGLE_FILE_NAME
 from lightning_modules.sd_loading import load_components
-from lightning_modules.single_file import SINGLE_FILE_NAME
 
 
 @pytest.mark.parametrize("single_file", [True, False])

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from lightning_modules.builtin_models import model_configs
 from lightning_modules.export import export_lora
+from lightning_modules.export_layout import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 from lightning_modules.lora import (
     TEXT_ENCODER_TARGET_MODULES,
     UNET_TARGET_MODULES,
@@ -20,8 +21,6 @@ from lightning_modules.lora import (
     lora_state_dict,
 )
 from lightning_modules.lora_formats import (
-    KOHYA_WEIGHT_NAME,
-    LORA_WEIGHT_NAME,
     kohya_lora_state_dict,
     load_lora_into_pipeline,
     save_kohya_lora,

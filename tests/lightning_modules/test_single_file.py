@@ -77,7 +77,7 @@ def test_other_model_families_and_partial_files_are_named(tmp_path):
         check_single_file(sdxl)
     unet_only = tmp_path / "unet_only.safetensors"
     save_file({"model.diffusion_model.out.2.weight": torch.zeros(1)}, unet_only)
-    with pytest.raises(ValueError, match=r"unet_only\.safetensors.*lacks the VAE.*CLIP text encoder"):
+    with pytest.raises(ValueError, match=r"unet_only\.safetensors.*lacks the VAE.*text encoder"):
         load_pipeline(str(unet_only), single_file_config=CONFIG)
 
 

@@ -1,0 +1,20 @@
+"""bench/load_memory.py runs end to end (on the tiny model, so that the script does not rot)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from bench.common import ROOT
+
+
+def test_load_memory_prints_every_way():
+    out = subprocess.run(
+        [sys.executable, "bench/load_memory.py", "--model", "builtin:tiny-sd"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    ).stdout  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| way")]
+    assert len(rows) == 4, out
+    for row in rows:
+        peak = float(row.split("|")[2])
+        assert 0.1 < peak < 20, row  # a whole Python process with torch, in GB
