@@ -25,6 +25,7 @@ from datamodules import DreamBoothDataModule
 from lightning_modules.dreambooth import DreamBoothModule, check_training_precision
 from lightning_modules.errors import report_user_errors
 from lightning_modules.safe_files import safe_torch_load
+from lightning_modules.strategies import check_strategy_options, prepare_strategy
 
 # How to render, not what was trained: with --ckpt_path, these keep the command's values (see _parse_ckpt_path).
 RENDER_OPTIONS = ("sampling", "lora_weights", "controlnet")
@@ -52,6 +53,13 @@ class DreamBoothCLI(LightningCLI):
         for group in ("render", "evaluation"):
             parser.link_arguments("grid.cell_size", f"{group}.cell_size")  # one cell size for every picture
 
+    def before_instantiate_classes(self) -> None:
+        # What a sharded strategy would refuse minutes later, or a missing deepspeed package, before anything loads.
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            options = self.config[subcommand]
+            check_strategy_options(options["trainer"], subcommand, bool(options["model"].get("use_lora")))
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         start_wandb_or_go_offline(trainer.loggers)  # no API key or no network: log offline, with one warning
@@ -60,6 +68,7 @@ class DreamBoothCLI(LightningCLI):
     def before_fit(self) -> None:
         # Before prepare_data, which may generate class images for minutes.
         check_training_precision(str(self.trainer.precision))
+        prepare_strategy(self.trainer.strategy)  # DeepSpeed's CPU offload admits the module's AdamW
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI replaces every model option with the checkpoint's hyperparameters, which rebuilds the model as

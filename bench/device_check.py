@@ -37,6 +37,11 @@ Jobs (GPU mode; about 3-5 minutes of GPU work in all, plus the one-time build):
 - ``test``: the DreamBench protocol on a DreamBench-layout folder of two toy subjects (an object and a dog: the
   object and live prompt lists), 2 prompts + the class prompt x 2 images each at 256 px, with the ``lora-bf16``
   export; checks the per-subject metric states on the GPU, ``eval/report.json`` with finite means.
+- ``fsdp-1gpu``: ``configs/sd15_dreambooth.yaml`` composed with ``configs/strategies/fsdp_full.yaml`` as a user
+  composes them (``DreamBoothFSDPStrategy``: units at the UNet's blocks, no norm clipping), on one GPU at 256 px in
+  ``bf16-mixed``, full UNet with AdamW, 12 steps and a validation at the end, then the export gathered from FSDP's
+  full state dict. Checks: the module on the GPU, finite losses, trained weights and ``val/*``; the export's UNet
+  written, whole (no empty shards) and finite. Skipped in ``--smoke`` (FSDP needs CUDA here).
 - ``ddp-2gpu`` (two or more GPUs; skipped with a note on one): ``lora-bf16`` at 256 px on 2 GPUs through DDP: NCCL
   as the process group's backend, validation prompts spread over the ranks, metric states on each rank's GPU, the
   synchronized ``val/*`` metrics equal on both ranks.
@@ -50,7 +55,8 @@ within 8 minutes; a job that runs out of time is killed with its process group a
 or toy metric encoders, ``bf16-mixed`` for ``lora-bf16`` and ``full-8bit-fused`` and ``32-true`` for the others
 (bf16 is slow on a CPU without bf16 instructions; fp16 autocast and its scaler are CUDA's), one torch thread
 (``--threads``), ``adamw8bit`` when the installed bitsandbytes runs it on the CPU (tried first; 0.50 does; ``adamw``
-otherwise, with a note); the DDP job is skipped (``tests/test_ddp.py`` covers DDP on the CPU with gloo). The same
+otherwise, with a note); the DDP job is skipped (``tests/test_ddp.py`` covers DDP on the CPU with gloo), and so is the
+FSDP job. The same
 checks run, against the CPU. ``tests/bench/test_device_check.py`` runs it (about 20 s) so that this script does not
 rot.
 
@@ -526,6 +532,23 @@ def _full_args(ctx: Context, job: Job) -> list[str]:
     ]  # fmt: skip
 
 
+def _fsdp_args(ctx: Context, job: Job) -> list[str]:
+    s = _sizes(ctx)
+    return [
+        *_common(ctx, job, "sd15_dreambooth.yaml", "fit"),
+        "--config", str(ROOT / "configs" / "strategies" / "fsdp_full.yaml"),  # as a user composes it
+        f"--trainer.accelerator={ctx.accelerator}", f"--trainer.devices={job.devices}",
+        f"--trainer.precision={job.precision}",
+        "--model.train_text_encoder=false", "--model.fused_backward=false", "--model.gradient_checkpointing=true",
+        f"--trainer.max_steps={s['steps_short']}", f"--trainer.val_check_interval={s['steps_short']}",
+        "--trainer.num_sanity_val_steps=0",
+        "--data.class_data_dir", str(ctx.class_dir), "--data.num_class_images=4",
+        # The export is what FSDP gathers from the shards: written (the diffusers folder only), and checked.
+        "--trainer.enable_checkpointing=false", "--export.enabled=true", "--export.single_file=false",
+        f"--trainer.callbacks=[{_probe(ctx, job)}]",
+    ]  # fmt: skip
+
+
 def _lora_export(ctx: Context, job: Job) -> list[str]:
     """``model.lora_weights`` from the ``lora-bf16`` job's export, when it made one."""
     run = ctx.results.get("lora-bf16", {}).get("run_dir")
@@ -590,6 +613,7 @@ def make_jobs(ctx: Context, gpus: int) -> list[Job]:
         ddp_skip = "CPU smoke mode (tests/test_ddp.py runs DDP on the CPU with gloo)"
     elif gpus < 2:
         ddp_skip = f"{gpus} GPU on this machine; NCCL needs two"
+    fsdp_skip = "CPU smoke mode (FSDP needs CUDA here)" if smoke else None
     return [
         Job("lora-bf16", "sd15_lora.yaml, UNet LoRA + prior, cached latents/text, 3 validations, toy encoders, export",
             "bf16-mixed", hi, 180, _lora_bf16_args, FIT_CHECKS, validations=3),
@@ -603,6 +627,9 @@ def make_jobs(ctx: Context, gpus: int) -> list[Job]:
         Job("test", "DreamBench protocol, 2 toy subjects (object + live), 2 images per prompt, lora-bf16 export",
             precision("bf16-mixed"), lo, 120, _test_args,
             (CHECK_DEVICE, CHECK_RENDERED, CHECK_TEST_METRICS, CHECK_TEST_REPORT)),
+        Job("fsdp-1gpu", "sd15_dreambooth.yaml + strategies/fsdp_full.yaml on 1 GPU, full UNet, gathered export",
+            "bf16-mixed", lo, 180, _fsdp_args, (CHECK_DEVICE, CHECK_LOSS, CHECK_WEIGHTS, CHECK_VAL_FINITE),
+            validations=1, skip=fsdp_skip),
         Job("ddp-2gpu", "sd15_lora.yaml on 2 GPUs (DDP, NCCL), validation prompts spread, metrics synchronized",
             "bf16-mixed", lo, 180, _ddp_args, (*FIT_CHECKS, CHECK_BACKEND), validations=2, devices=2, skip=ddp_skip),
     ]  # fmt: skip
@@ -723,6 +750,17 @@ def _job_specific_checks(ctx: Context, job: Job, result: dict, checks: dict[str,
         want = len(PREDICT_PROMPTS) * 2
         ok = len(pngs) == want and (folder / "contact_sheet.png").is_file()
         checks["PNGs and contact sheet written"] = {"ok": ok, "detail": f"{len(pngs)} PNGs (expected {want})"}
+    if job.name == "fsdp-1gpu":
+        unet = run / "export" / "pipeline" / "unet" if run else None
+        weights = sorted(unet.glob("*.safetensors")) if unet and unet.is_dir() else []
+        checks["full export gathered from FSDP and written"] = {"ok": bool(weights), "detail": str(unet)}
+        if weights:
+            from safetensors.torch import load_file
+
+            tensors = [t for w in weights for t in load_file(w).values()]
+            ok = all(t.numel() > 0 and bool(t.float().isfinite().all()) for t in tensors)
+            sizes = sum(t.numel() for t in tensors)
+            checks["export: whole, finite tensors (no shards)"] = {"ok": ok, "detail": f"{sizes} values"}
     if job.name == "test":
         report = run / "eval" / "report.json" if run else None
         checks["eval/report.json written"] = {"ok": bool(report and report.is_file()), "detail": str(report)}

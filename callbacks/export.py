@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from callbacks.run_dir import run_dir
 from lightning_modules.export import export_full, export_lora
+from lightning_modules.sd_loading import load_components
+from lightning_modules.strategies import strategy_kind
 
 
 class DreamBoothExport(pl.Callback):
     """Writes ``export/`` into the run directory when ``fit`` ends (rank 0 only) and prints its path.
+
+    Under FSDP the trained weights are first gathered from all ranks, then rank 0 writes them into a fresh copy of the
+    base model's parts (the module's own parameters are shards there).
 
     LoRA runs get ``pytorch_lora_weights.safetensors`` (diffusers ``load_lora_weights``) and
     ``pytorch_lora_weights_kohya.safetensors`` (AUTOMATIC1111, ComfyUI); full fine-tunes get ``pipeline/``
@@ -35,22 +43,64 @@ class DreamBoothExport(pl.Callback):
         return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "export"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or trainer.sanity_checking or not trainer.is_global_zero:
+        if not self.enabled or trainer.sanity_checking:
+            return
+        gathered = gathered_trained_weights(trainer.strategy, pl_module)  # FSDP: every rank takes part
+        if not trainer.is_global_zero:
             return
         out = self.export_dir(trainer)
         hp = pl_module.hparams
         base = (hp.pretrained_model_name_or_path, hp.revision, hp.variant)
         config = hp.get("single_file_config")
+        unet, text_encoder = pl_module.unet, pl_module.text_encoder
+        if gathered is not None:  # the modules hold shards: plain copies of the base model with the trained weights
+            unet, text_encoder = parts_with_weights(pl_module, gathered)
         if hp.use_lora:
-            path = export_lora(pl_module.unet, pl_module.text_encoder, out, *base, single_file_config=config)
+            path = export_lora(unet, text_encoder, out, *base, single_file_config=config)
         else:
-            te = pl_module.text_encoder if hp.train_text_encoder else None
-            path = export_full(pl_module.unet, te, out, *base, single_file=self.single_file, single_file_config=config)
+            te = text_encoder if hp.train_text_encoder else None
+            path = export_full(unet, te, out, *base, single_file=self.single_file, single_file_config=config)
         self.last_export = path
         rank_zero_info(f"Exported trained weights to {path}")
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 log_export_artifact(logger, out, "lora" if hp.use_lora else "full")
+
+
+def gathered_trained_weights(strategy: Any, pl_module: pl.LightningModule) -> dict[str, torch.Tensor] | None:
+    """Under FSDP, the trained weights gathered from all ranks (a collective: every rank calls it; rank 0 gets them,
+    on the CPU, the others an empty dict), with the names of a full state dict; None under other strategies, whose
+    modules hold whole weights (DDP, one device, DeepSpeed ZeRO-2, which shards optimizer state and gradients only)."""
+    if strategy_kind(strategy) != "fsdp":
+        return None
+    state = strategy.lightning_module_state_dict()  # full state dict context: rank 0 only, offloaded to the CPU
+    keep = pl_module.trained_state_keys()
+    return {name: tensor for name, tensor in state.items() if name in keep}
+
+
+def parts_with_weights(pl_module: pl.LightningModule, weights: dict[str, torch.Tensor]) -> tuple[nn.Module, ...]:
+    """(UNet, text encoder or None): the base model's, loaded afresh on the CPU, with the trained ``weights``
+    (``unet.*`` / ``text_encoder.*`` names, every trained weight present) in place."""
+    hp = pl_module.hparams
+    parts = load_components(
+        hp.pretrained_model_name_or_path,
+        hp.revision,
+        hp.variant,
+        hp.get("single_file_config"),
+        with_vae=False,
+        with_text_encoder=bool(hp.train_text_encoder),
+    )
+    missing = sorted(pl_module.trained_state_keys() - set(weights))
+    if missing:
+        raise RuntimeError(f"The gathered weights lack {len(missing)} trained weights, e.g. {missing[:3]}.")
+    for name in ("unet", "text_encoder"):
+        module, prefix = getattr(parts, name), f"{name}."
+        own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        if own:
+            unknown = module.load_state_dict(own, strict=False).unexpected_keys
+            if unknown:
+                raise RuntimeError(f"The gathered {name} weights do not fit the base model: {unknown[:3]}")
+    return parts.unet, parts.text_encoder
 
 
 def log_export_artifact(logger, folder: Path, kind: str) -> None:

@@ -28,7 +28,7 @@ from datamodules.predict import collate_predict, load_control_image, read_prompt
 from datamodules.prompt_checks import missing_identifier_message
 from datamodules.prompts import resolve_templates
 from datamodules.resumable import resumable_train_loader
-from datamodules.validation import ValidationPromptDataset, collate_prompts, validation_sampler
+from datamodules.validation import ValidationPromptDataset, collate_prompts, prompt_loader
 from lightning_modules.errors import ConfigError, InputNotFoundError
 
 log = logging.getLogger(__name__)
@@ -389,31 +389,18 @@ class DreamBoothDataModule(pl.LightningDataModule):
         """The prompts to render, in order (Lightning spreads them across DDP ranks)."""
         if self.val_dataset is None:
             raise RuntimeError("DreamBoothDataModule.val_dataloader() needs setup('fit') or setup('validate') first.")
-        return DataLoader(
-            self.val_dataset,
-            batch_size=self.hparams.validation_batch_size,
-            sampler=validation_sampler(self.val_dataset),
-            collate_fn=collate_prompts,
-        )
+        return prompt_loader(self.val_dataset, self.hparams.validation_batch_size, collate_prompts)
 
     def predict_dataloader(self) -> DataLoader:
         """The prompts to render, with the condition image (Lightning spreads them across DDP ranks)."""
         if self.predict_dataset is None:
             raise RuntimeError("DreamBoothDataModule.predict_dataloader() needs setup('predict') first.")
-        return DataLoader(
-            self.predict_dataset,
-            batch_size=self.hparams.validation_batch_size,
-            sampler=validation_sampler(self.predict_dataset),
-            collate_fn=partial(collate_predict, control_image=self.control),
-        )
+        collate = partial(collate_predict, control_image=self.control)
+        return prompt_loader(self.predict_dataset, self.hparams.validation_batch_size, collate)
 
     def test_dataloader(self) -> DataLoader:
         """Every subject's prompts (and class prompt), in order."""
         if self.test_dataset is None:
             raise RuntimeError("DreamBoothDataModule.test_dataloader() needs setup('test') first.")
-        return DataLoader(
-            self.test_dataset,
-            batch_size=self.hparams.validation_batch_size,
-            sampler=validation_sampler(self.test_dataset),
-            collate_fn=partial(collate_eval, num_images=self.hparams.eval_num_images),
-        )
+        collate = partial(collate_eval, num_images=self.hparams.eval_num_images)
+        return prompt_loader(self.test_dataset, self.hparams.validation_batch_size, collate)

@@ -9,7 +9,8 @@ A resumed run must see the same batches, with the same random flips and crops, a
   depend neither on the global RNG (which the model's noise draws use), nor on worker processes, nor on resuming.
 - :class:`ResumableDataLoader` is a ``DataLoader`` with ``state_dict`` / ``load_state_dict`` (the protocol Lightning
   uses to save and restore a loader's mid-epoch position in checkpoints): it counts its own passes (epochs) and
-  batches, and its state is the epoch and the number of samples it has handed out in it.
+  batches, and its state is the epoch and the number of samples handed out in it over all ranks, so that a run can
+  resume on another number of ranks: the new ranks share the rest of the epoch's order, each item once.
 """
 
 from __future__ import annotations
@@ -63,27 +64,37 @@ class ResumableSampler(DistributedSampler):
         self._pass: tuple[int, int] | None = None  # (epoch, start), set by the loader
 
     def start_pass(self, epoch: int, start: int = 0) -> None:
-        """Make the following passes use ``epoch`` and start at this rank's position ``start``."""
+        """Make the following passes use ``epoch`` and start at position ``start`` of the epoch's order over all
+        ranks (the number of items handed out so far by all ranks, whatever their number was)."""
         self._pass = (epoch, max(0, int(start)))
 
-    def order(self, epoch: int) -> list[int]:
-        """This rank's indices in pass ``epoch``: those at positions rank, rank + R, rank + 2R, ... of the order."""
+    def order(self, epoch: int, start: int = 0) -> list[int]:
+        """This rank's indices in pass ``epoch`` from global position ``start``: those at positions start + rank,
+        start + rank + R, ... of the order, the rest of the epoch padded by repetition (or cut, with ``drop_last``)
+        to a multiple of R so that every rank gets as many items."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + epoch)
             indices = torch.randperm(len(self.dataset), generator=g).tolist()
         else:
             indices = list(range(len(self.dataset)))
+        rest = len(indices) - min(start, len(indices))  # items of the epoch not handed out yet
         if self.drop_last:
-            indices = indices[: self.total_size]
-        else:
-            padding = self.total_size - len(indices)
-            indices += (indices * (padding // len(indices) + 1))[:padding]
-        return indices[self.rank : self.total_size : self.num_replicas]
+            end = start + rest - rest % self.num_replicas
+        else:  # pad as DistributedSampler does: from the start of the order (the same padding when start is 0)
+            end = start + rest + (-rest) % self.num_replicas
+            padding = end - len(indices)
+            if padding > 0:
+                indices += (indices * (padding // len(indices) + 1))[:padding]
+        return indices[start + self.rank : end : self.num_replicas]
+
+    def __len__(self) -> int:
+        # the whole epoch's share (Lightning counts an epoch's batches with it), also in a pass that resumes mid-epoch
+        return self.num_samples
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, start = self._pass if self._pass is not None else (self.epoch, 0)
-        for local, index in enumerate(self.order(epoch)[start:], start=start):
-            yield index, item_seed(self.seed, epoch, local * self.num_replicas + self.rank)
+        for local, index in enumerate(self.order(epoch, start)):
+            yield index, item_seed(self.seed, epoch, start + local * self.num_replicas + self.rank)
 
 
 class SeededItems(Dataset):
@@ -114,8 +125,10 @@ class ResumableDataLoader(DataLoader):
     hands out its first batch, and the next pass is the next epoch. (Lightning 2.6's epoch counters in a checkpoint
     written by a resumed run are off by one at an epoch's end, and a second resume from it calls ``set_epoch`` with
     the previous epoch; the loader's own count stays right.) ``state_dict()`` is the current pass's epoch and the
-    samples handed out in it, counted as batches are returned (worker prefetching does not count);
-    ``load_state_dict()`` makes the next pass continue from there.
+    samples handed out in it by all ranks (``samples_done_all_ranks``; every rank hands out as many batches, so the
+    rank that saves the checkpoint knows it), counted as batches are returned (worker prefetching does not count);
+    ``load_state_dict()`` makes the next pass continue from there, on any number of ranks. (Checkpoints written
+    before this counted rank 0's samples, ``samples_done``: those resume on the number of ranks they were made on.)
 
     Args:
         epoch: Epoch of the first pass (the trainer's current epoch when the loader is made).
@@ -124,8 +137,12 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, *args: Any, epoch: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._next = (epoch, 0)  # (epoch, samples to skip) of the next pass
-        self._current: list[int] | None = None  # [epoch, batches handed out] of the current pass
+        self._next = (epoch, 0)  # (epoch, samples handed out by all ranks before the next pass) of the next pass
+        self._current: list[int] | None = None  # [epoch, start over all ranks, batches handed out] of the current pass
+
+    @property
+    def _replicas(self) -> int:
+        return self.sampler.num_replicas if isinstance(self.sampler, DistributedSampler) else 1
 
     def __iter__(self) -> Iterator[Any]:
         epoch, start = self._next
@@ -137,21 +154,34 @@ class ResumableDataLoader(DataLoader):
         current = None
         for batch in iterator:
             if current is None:  # the pass has begun: it is the current one, the next pass is the next epoch
-                current = self._current = [epoch, start // (self.batch_size or 1)]
+                current = self._current = [epoch, start, 0]
                 self._next = (epoch + 1, 0)
-            current[1] += 1
+            current[2] += 1
             yield batch
+
+    def _pass_batches(self, start: int) -> int:
+        """Batches per rank in a pass that starts at global position ``start``."""
+        if not isinstance(self.sampler, ResumableSampler):
+            return len(self) - start // ((self.batch_size or 1) * self._replicas)
+        items = len(self.sampler.order(0, start))  # the count does not depend on the epoch
+        size = self.batch_size or 1
+        return items // size if self.drop_last else -(-items // size)
 
     def state_dict(self) -> dict[str, int]:
         if self._current is None:  # no batch handed out since the loader was made or restored
-            return {"epoch": self._next[0], "samples_done": self._next[1]}
-        epoch, batches = self._current
-        if batches >= len(self):  # the pass is complete: the next one is a new epoch from its start
-            return {"epoch": epoch + 1, "samples_done": 0}
-        return {"epoch": epoch, "samples_done": batches * (self.batch_size or 1)}
+            return {"epoch": self._next[0], "samples_done_all_ranks": self._next[1]}
+        epoch, start, batches = self._current
+        done = start + batches * (self.batch_size or 1) * self._replicas
+        if batches >= self._pass_batches(start) or done >= len(self.dataset):  # complete: a new epoch from its start
+            return {"epoch": epoch + 1, "samples_done_all_ranks": 0}
+        return {"epoch": epoch, "samples_done_all_ranks": done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._next = (int(state["epoch"]), int(state["samples_done"]))
+        if "samples_done_all_ranks" in state:
+            done = int(state["samples_done_all_ranks"])
+        else:  # an older checkpoint: rank 0's count, on as many ranks as now
+            done = int(state["samples_done"]) * self._replicas
+        self._next = (int(state["epoch"]), done)
         self._current = None
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from collections.abc import Callable
+from typing import Any, TypedDict
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.prompts import fill
 
@@ -63,25 +64,57 @@ def collate_prompts(items: list[dict]) -> ValidationBatch:
     )
 
 
-class UnpaddedDistributedSampler(DistributedSampler):
-    """Rank r takes prompts r, r + W, r + 2W, ...: every prompt is rendered exactly once across the W ranks.
+class PaddedPromptSampler(DistributedSampler):
+    """Rank r takes prompts r, r + W, r + 2W, ... and every rank as many: positions past the last prompt are padding.
 
-    Lightning's default distributed sampler pads ranks to equal length with repeated prompts, which would count
-    those prompts twice in the metrics and the grid.
+    Every rank must run the same steps with the same batch sizes: a rank with no prompt would make Lightning refuse
+    its empty loader, or leave the others waiting in the grid's gather, and under FSDP every UNet forward is a
+    collective. So the last round is padded to W with indices ``len(dataset)`` and up, which :class:`PaddedItems`
+    turns into repeats of the first prompts marked as padding: they are rendered like the others and dropped from the
+    step's outputs (see ``DreamBoothModule``), so every prompt is rendered, scored and shown exactly once across the
+    W ranks (Lightning's own distributed sampler pads with unmarked repeats, which the metrics would count twice).
     """
 
-    def __init__(self, dataset: Dataset) -> None:
-        super().__init__(dataset, shuffle=False, drop_last=False)
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
 
     def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
     def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.num_replicas))
+        return self.num_samples  # ceil(len(dataset) / W) on every rank
 
 
-def validation_sampler(dataset: Dataset) -> DistributedSampler | None:
-    """The unpadded sampler under an initialized process group of several ranks; None (in order) otherwise."""
+class PaddedItems(Dataset):
+    """``(item, is_padding)`` for index i of ``dataset``; past its end, a repeat marked as padding."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Any, bool]:
+        return self.dataset[i % len(self.dataset)], i >= len(self.dataset)
+
+
+class marking_padding:  # noqa: N801 - used as a function; a class so that worker processes can pickle it
+    """``collate`` over the items of ``(item, is_padding)`` pairs, with ``is_padding`` ((P,) bool) added to the batch."""
+
+    def __init__(self, collate: Callable[[list], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, pairs: list[tuple[Any, bool]]) -> Any:
+        batch = self.collate([item for item, _ in pairs])
+        batch["is_padding"] = torch.tensor([padding for _, padding in pairs], dtype=torch.bool)
+        return batch
+
+
+def prompt_loader(dataset: Dataset, batch_size: int, collate: Callable[[list], Any]) -> DataLoader:
+    """Prompts in order; under a process group of several ranks, spread over them with padding (see above)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return UnpaddedDistributedSampler(dataset)
-    return None
+        sampler = PaddedPromptSampler(dataset)
+        return DataLoader(
+            PaddedItems(dataset), batch_size=batch_size, sampler=sampler, collate_fn=marking_padding(collate)
+        )
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate)

@@ -72,6 +72,33 @@ def check_training_precision(precision: str) -> None:
         )
 
 
+def clean_key(name: str) -> str:
+    """A parameter's name as a full state dict writes it: without the prefixes that FSDP's and activation
+    checkpointing's wrappers add (``unet._fsdp_wrapped_module.conv_in.weight`` -> ``unet.conv_in.weight``)."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def without_padding(out: dict, batch: dict, num_images: int | torch.Tensor | None = None) -> dict | None:
+    """A step's renders without those of padding prompts (``batch["is_padding"]``: a rank with fewer prompts than the
+    others renders repeats so that every rank runs the same steps; datamodules/validation.py); None if none is left.
+
+    ``num_images``: images per prompt (an int, or (P,) per prompt), by default ``len(out["prompts"]) // P``.
+    """
+    padding = batch.get("is_padding")
+    if padding is None or not bool(padding.any()):
+        return out
+    if num_images is None:
+        num_images = len(out["prompts"]) // len(padding)
+    keep = (~padding).repeat_interleave(torch.as_tensor(num_images)).tolist()  # (P * n,) per image
+    if not any(keep):
+        return None
+    rows = [k for k, kept in enumerate(keep) if kept]
+    return {
+        name: values[rows] if isinstance(values, torch.Tensor) else [values[k] for k in rows]
+        for name, values in out.items()
+    }
+
+
 class DreamBoothModule(pl.LightningModule):
     """Fine-tunes Stable Diffusion 1.x on one subject with the DreamBooth objective, fully or with LoRA.
 
@@ -411,9 +438,9 @@ class DreamBoothModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler)
 
-    def validation_step(self, batch: ValidationBatch, batch_idx: int) -> dict:
+    def validation_step(self, batch: ValidationBatch, batch_idx: int) -> dict | None:
         """Render ``num_images_per_prompt`` images per prompt with fixed seeds; callbacks grid and score them."""
-        return self._render_prompts(batch, self.sampling.num_images_per_prompt)
+        return without_padding(self._render_prompts(batch, self.sampling.num_images_per_prompt), batch)
 
     def on_validation_epoch_end(self) -> None:
         self._pipe = None
@@ -423,11 +450,11 @@ class DreamBoothModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler)
 
-    def test_step(self, batch: EvalBatch, batch_idx: int) -> dict:
+    def test_step(self, batch: EvalBatch, batch_idx: int) -> dict | None:
         """The evaluation protocol's renders: ``num_images`` per prompt, for the subject of each prompt."""
         out = self._render_prompts(batch, batch["num_images"])
         out["subject_index"] = batch["subject_index"].repeat_interleave(batch["num_images"]).tolist()
-        return out
+        return without_padding(out, batch, batch["num_images"])
 
     def on_test_epoch_end(self) -> None:
         self._pipe = None
@@ -435,7 +462,7 @@ class DreamBoothModule(pl.LightningModule):
     def on_predict_epoch_start(self) -> None:
         self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler, self.controlnet)
 
-    def predict_step(self, batch: PredictBatch, batch_idx: int) -> dict:
+    def predict_step(self, batch: PredictBatch, batch_idx: int) -> dict | None:
         """Render ``num_images_per_prompt`` images per prompt (with the ControlNet condition, if any)."""
         control = batch["control_image"]
         if (control is None) != (self.controlnet is None):
@@ -444,7 +471,7 @@ class DreamBoothModule(pl.LightningModule):
                 f"(model.controlnet={self.hparams.controlnet!r}, data.control_image is "
                 f"{'not ' if control is None else ''}set)."
             )
-        return self._render_prompts(batch, self.sampling.num_images_per_prompt, control)
+        return without_padding(self._render_prompts(batch, self.sampling.num_images_per_prompt, control), batch)
 
     def on_predict_epoch_end(self) -> None:
         self._pipe = None
@@ -491,8 +518,9 @@ class DreamBoothModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def trained_state_keys(self) -> set[str]:
-        """State-dict keys of the weights that train (LoRA adapters, or the full UNet / text encoder)."""
-        return {name for name, param in self.named_parameters() if param.requires_grad}
+        """State-dict keys of the weights that train (LoRA adapters, or the full UNet / text encoder), as a full state
+        dict names them (without the prefixes of FSDP's wrappers)."""
+        return {clean_key(name) for name, param in self.named_parameters() if param.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Save only what is trained: the frozen base model is reloaded from its source on resume."""
@@ -502,9 +530,20 @@ class DreamBoothModule(pl.LightningModule):
         checkpoint["rng_states"] = capture_rng_states()  # so that a resumed run draws the same noise
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Loading is partial by design; make sure it is complete for what trains and matches this model."""
-        saved = set(checkpoint["state_dict"])
-        unknown = sorted(saved - set(self.state_dict()))
+        """Loading is partial by design; make sure it is complete for what trains and matches this model.
+
+        FSDP and DeepSpeed load the weights themselves and remove ``state_dict`` before this hook: their keys are
+        checked by the strategy (``SafeFSDPStrategy``), or by DeepSpeed's own loader.
+        """
+        if "state_dict" in checkpoint:
+            self.check_checkpoint_keys(set(checkpoint["state_dict"]))
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def check_checkpoint_keys(self, saved: set[str]) -> None:
+        """Raise :class:`CheckpointMismatchError` unless ``saved`` holds every trained weight and nothing unknown."""
+        named = [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
+        known = {clean_key(name) for name, _ in named}
+        unknown = sorted(saved - known)
         missing = sorted(self.trained_state_keys() - saved)
         if unknown or missing:
             raise CheckpointMismatchError(
@@ -512,7 +551,6 @@ class DreamBoothModule(pl.LightningModule):
                 f"({len(unknown)} unknown keys, e.g. {unknown[:3]}; {len(missing)} missing, e.g. {missing[:3]}). "
                 "Was it made with other LoRA / train_text_encoder settings or another base model?"
             )
-        self._rng_states_to_restore = checkpoint.get("rng_states")
 
     def on_train_start(self) -> None:
         if self._rng_states_to_restore is not None:  # restored last, after everything that set up the run

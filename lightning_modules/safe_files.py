@@ -146,14 +146,14 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
 
 
-def safe_torch_load(path: str | Path | IO[bytes], map_location: Any = None) -> Any:
+def safe_torch_load(path: str | Path | IO[bytes], map_location: Any = None, mmap: bool = False) -> Any:
     """Load a ``torch.save`` file with the restricted unpickler (tensors, containers, numbers and strings only).
 
     Raises:
         UnsafeCheckpointError: the file holds other objects (a crafted or foreign file); nothing in it was run.
     """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, **({"mmap": True} if mmap else {}))
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"Refusing to load {str(path)!r}: it holds objects that only an unrestricted unpickler could load, and "

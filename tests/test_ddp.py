@@ -60,3 +60,34 @@ def test_two_process_ddp_fit(run_args, tmp_path):
     single_rows = _val_rows(run_dir(single.trainer) / "metrics.csv")
     for name in ("val/dino", "val/clip_i", "val/clip_t", "val/pres", "val/div"):
         assert abs(float(ddp_rows[0][name]) - float(single_rows[0][name])) < 1e-4, name
+
+
+def test_fewer_prompts_than_ranks_fit_and_predict(run_args, toy_subject_dir, tmp_path):
+    """Two ranks, one prompt: ``--data.validation_prompts '[]'`` leaves the PRES prompt alone, and ``predict`` gets one
+    prompt. Rank 1 runs its (padding) step like rank 0 and takes part in every gather; the prompt is rendered once.
+    (Before, rank 1's empty loader stopped the run: "DataLoader within local rank has zero length".)"""
+    args = run_args(steps=1) + ["--data.validation_prompts", "[]"]
+    cmd = [sys.executable, "train.py", *args, "--trainer.strategy=ddp", "--trainer.devices=2"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (version,) = (tmp_path / "runs" / "lightning_logs").iterdir()
+    layout = read_layout(version / "grids" / "step_000000.png")
+    assert [r["kind"] for r in layout["rows"]] == ["reference", "renders"]  # the PRES prompt, once
+    assert "val/pres" in _val_rows(version / "metrics.csv")[0]
+
+    out = tmp_path / "predicted"
+    cmd = [
+        sys.executable, "train.py", "predict",
+        "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        "--trainer.default_root_dir", str(tmp_path / "predict_runs"),
+        "--trainer.strategy=ddp", "--trainer.devices=2",
+        "--data.instance_data_dir", str(toy_subject_dir),
+        "--data.class_data_dir", str(tmp_path / "no_class_images_needed"),
+        '--data.predict_prompts=["a photo of {identifier} {class_noun}"]',
+        "--model.sampling.num_inference_steps=2", "--model.sampling.num_images_per_prompt=1",
+        f"--render.dirpath={out}",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(list(out.glob("0*.png"))) == 1

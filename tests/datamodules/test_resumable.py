@@ -67,13 +67,13 @@ def _loader(**kwargs) -> ResumableDataLoader:
 
 def test_loader_state_says_how_many_batches_were_handed_out():
     loader = _loader()
-    assert len(loader) == 4 and loader.state_dict() == {"epoch": 0, "samples_done": 0}
+    assert len(loader) == 4 and loader.state_dict() == {"epoch": 0, "samples_done_all_ranks": 0}
     it = iter(loader)
     next(it)
     next(it)
-    assert loader.state_dict() == {"epoch": 0, "samples_done": 6}
+    assert loader.state_dict() == {"epoch": 0, "samples_done_all_ranks": 6}
     list(it)
-    assert loader.state_dict() == {"epoch": 1, "samples_done": 0}  # a complete pass: the next epoch starts
+    assert loader.state_dict() == {"epoch": 1, "samples_done_all_ranks": 0}  # a complete pass: the next epoch starts
 
 
 def test_the_loader_counts_its_own_epochs():
@@ -86,15 +86,15 @@ def test_the_loader_counts_its_own_epochs():
     reference.set_epoch(1)
     assert [int(i) for b in second for i in b[:, 0]] == [i for i, _ in reference]
     assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    assert loader.state_dict() == {"epoch": 2, "samples_done": 0}
-    assert _loader(epoch=1).state_dict() == {"epoch": 1, "samples_done": 0}  # made in a later epoch
+    assert loader.state_dict() == {"epoch": 2, "samples_done_all_ranks": 0}
+    assert _loader(epoch=1).state_dict() == {"epoch": 1, "samples_done_all_ranks": 0}  # made in a later epoch
 
 
 def test_a_resumed_loader_continues_with_the_same_batches():
     full = list(_loader())
     torch.manual_seed(7)  # the global RNG plays no part
     fresh = _loader()
-    fresh.load_state_dict({"epoch": 0, "samples_done": 6})
+    fresh.load_state_dict({"epoch": 0, "samples_done_all_ranks": 6})
     rest = list(fresh)
     assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, full[2:], strict=True))
 
@@ -120,3 +120,78 @@ def test_items_leave_every_generator_as_it_was(monkeypatch):
     assert torch.equal(first, again)  # the item's draw follows its seed...
     assert reseeded == []  # ...which reached no CUDA generator
     assert torch.equal(torch.get_rng_state(), before)  # and the CPU generator is as it was
+
+
+class TwelveItems(Dataset):
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i), torch.rand(()).item()])
+
+
+def _world(ranks: int, state: dict | None = None, batch_size: int = 1) -> list[list[torch.Tensor]]:
+    """Each rank's batches of one pass, on a world of ``ranks`` ranks, resumed from ``state``."""
+    batches = []
+    for rank in range(ranks):
+        loader = resumable_train_loader(TwelveItems(), batch_size=batch_size, seed=0, num_replicas=ranks, rank=rank)
+        if state is not None:
+            loader.load_state_dict(state)
+        batches.append(list(loader))
+    return batches
+
+
+def _interrupted(ranks: int, batches: int, batch_size: int = 1) -> tuple[list[torch.Tensor], dict]:
+    """The items that ``ranks`` ranks handed out in their first ``batches`` batches, and rank 0's loader state."""
+    seen, state = [], None
+    for rank in range(ranks):
+        loader = resumable_train_loader(TwelveItems(), batch_size=batch_size, seed=0, num_replicas=ranks, rank=rank)
+        it = iter(loader)
+        seen += [next(it) for _ in range(batches)]
+        if rank == 0:
+            state = loader.state_dict()
+    return seen, state
+
+
+def _rows(batches) -> dict[int, torch.Tensor]:
+    """item index -> the item (its random draw shows the item seed it was made with), each index once."""
+    rows = [row for batch in batches for row in batch]
+    indices = [int(row[0]) for row in rows]
+    assert len(indices) == len(set(indices)), f"an item was seen twice: {sorted(indices)}"
+    return {int(row[0]): row for row in rows}
+
+
+def test_a_run_resumes_on_another_number_of_ranks_and_sees_every_item_of_the_epoch_once():
+    """12 items, 2 ranks, interrupted after 2 batches each (4 items): on 4 ranks, then on 1, and on 3 (which does not
+    divide the 8 left), the rest of the epoch is the 8 other items, each once, made with the same item seeds as in an
+    uninterrupted run; every rank runs as many batches (what DDP's collectives need)."""
+    uninterrupted = _rows([b for rank in _world(2) for b in rank])
+    assert sorted(uninterrupted) == list(range(12))
+    seen, state = _interrupted(2, batches=2)
+    assert state == {"epoch": 0, "samples_done_all_ranks": 4}  # over all ranks, not rank 0's 2
+    before = _rows(seen)
+    for ranks in (4, 1, 3, 2):
+        per_rank = _world(ranks, state)
+        assert len({len(batches) for batches in per_rank}) == 1  # the same number of steps on every rank
+        if ranks == 3:  # 8 items on 3 ranks: 9 places, the last (rank 2's last) padded with an item seen before
+            assert int(per_rank[2][-1][0][0]) in before
+            per_rank[2] = per_rank[2][:-1]
+        rest = _rows([b for batches in per_rank for b in batches])
+        assert sorted(set(rest) | set(before)) == list(range(12)) and not set(rest) & set(before), ranks
+        assert all(torch.equal(rest[i], uninterrupted[i]) for i in rest), ranks  # same augmentation seeds
+
+
+def test_resuming_on_the_same_ranks_gives_the_same_batches_as_before():
+    """2 ranks, batches of 2: the resumed ranks continue with exactly the batches the uninterrupted ranks had."""
+    full = _world(2, batch_size=2)
+    _, state = _interrupted(2, batches=1, batch_size=2)
+    resumed = _world(2, state, batch_size=2)
+    for rank in range(2):
+        assert len(resumed[rank]) == 2
+        assert all(torch.equal(a, b) for a, b in zip(resumed[rank], full[rank][1:], strict=True))
+
+
+def test_a_checkpoint_that_counted_rank_0s_samples_resumes_on_as_many_ranks():
+    full = _world(2)
+    resumed = _world(2, {"epoch": 0, "samples_done": 2})  # written before the count was over all ranks
+    assert all(torch.equal(a, b) for r in range(2) for a, b in zip(resumed[r], full[r][2:], strict=True))

@@ -1,9 +1,16 @@
 """Validation prompts: templates, seeds, and spreading prompts across ranks without repeats."""
 
 import pytest
+from torch.utils.data import DataLoader
 
 from datamodules.prompts import DREAMBENCH_LIVE_PROMPTS, DREAMBENCH_OBJECT_PROMPTS, fill, resolve_templates
-from datamodules.validation import UnpaddedDistributedSampler, ValidationPromptDataset, collate_prompts
+from datamodules.validation import (
+    PaddedItems,
+    PaddedPromptSampler,
+    ValidationPromptDataset,
+    collate_prompts,
+    marking_padding,
+)
 
 
 def test_dreambench_sets_hold_the_25_prompts():
@@ -28,13 +35,32 @@ def test_dataset_fills_prompts_with_fixed_seeds_and_a_class_prompt():
     assert batch["is_class_prompt"].tolist() == [False, False, True]
 
 
-@pytest.mark.parametrize("n, world", [(5, 2), (25, 4), (3, 4)])
-def test_ranks_render_every_prompt_exactly_once(n, world):
-    ds = list(range(n))
-    seen = []
+@pytest.mark.parametrize("n, world", [(5, 2), (25, 4), (3, 4), (1, 2), (5, 16)])
+def test_ranks_render_every_prompt_exactly_once_in_as_many_steps(n, world):
+    """Fewer prompts than ranks included (the PRES prompt alone on 2 ranks; 5 prompts on 16): every rank runs the
+    same steps with the same batch sizes, and every prompt is rendered once when the padding is dropped."""
+    ds = ValidationPromptDataset([f"{{identifier}} {i}" for i in range(n - 1)], "sks", "dog", "a {class_noun}")
+    assert len(ds) == n
+    seen, steps = [], set()
     for rank in range(world):
-        sampler = UnpaddedDistributedSampler.__new__(UnpaddedDistributedSampler)
-        sampler.dataset, sampler.rank, sampler.num_replicas = ds, rank, world
-        seen += list(sampler)
-        assert len(sampler) == len(list(sampler))
-    assert sorted(seen) == ds
+        sampler = PaddedPromptSampler(ds, num_replicas=world, rank=rank)
+        loader = DataLoader(PaddedItems(ds), 2, sampler=sampler, collate_fn=marking_padding(collate_prompts))
+        batches = list(loader)
+        steps.add(tuple(len(batch["prompts"]) for batch in batches))
+        assert len(loader) == len(batches) > 0  # no rank with an empty loader
+        seen += [int(i) for b in batches for i, pad in zip(b["prompt_index"], b["is_padding"], strict=True) if not pad]
+    assert len(steps) == 1
+    assert sorted(seen) == list(range(n))
+
+
+def test_a_steps_renders_of_padding_prompts_are_dropped():
+    import torch
+
+    from lightning_modules.dreambooth import without_padding
+
+    out = {"images": torch.arange(6).view(6, 1, 1, 1), "prompts": list("aabbcc"), "prompt_index": [0, 0, 1, 1, 0, 0]}
+    batch = {"is_padding": torch.tensor([False, False, True])}  # 3 prompts, 2 images each, the last a repeat
+    kept = without_padding(out, batch)
+    assert kept["prompts"] == list("aabb") and kept["images"].flatten().tolist() == [0, 1, 2, 3]
+    assert without_padding(out, {"is_padding": torch.tensor([True, True, True])}) is None
+    assert without_padding(out, {}) is out  # one process: no padding, the outputs as they were
