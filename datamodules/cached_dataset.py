@@ -38,16 +38,18 @@ class CachedLatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _row(self, image_index: int, prompt: str) -> LatentRow:
+    def _view(self, image_index: int) -> tuple[Tensor, Tensor]:
         views = self.table.mean.shape[1]
         v = int(torch.rand(()) < 0.5) if views == 2 else 0
-        return self.table.mean[image_index, v], self.table.std[image_index, v], prompt
+        return self.table.mean[image_index, v], self.table.std[image_index, v]
 
     def __getitem__(self, index: int) -> dict[str, LatentRow]:
         i, c = self.dataset.pair_indices(index)
-        example = {"instance": self._row(i, self.dataset.instance_prompt)}
-        if c is not None:
-            example["class"] = self._row(len(self.dataset.instance_images) + c, self.dataset.class_prompt)
+        instance = self._view(i)
+        prior = self._view(len(self.dataset.instance_images) + c) if c is not None else None
+        example = {"instance": (*instance, self.dataset.instance_caption(i))}  # the caption's draws come last
+        if prior is not None:
+            example["class"] = (*prior, self.dataset.class_prompt)
         return example
 
 

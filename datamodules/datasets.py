@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from datamodules.batch import DreamBoothBatch
+from datamodules.captions import vary_caption
 from datamodules.images import load_image
 
 # One item: the instance image with its prompt and, only when the dataset has class images, a class image
@@ -64,6 +65,11 @@ class DreamBoothDataset(Dataset):
         class_prompt: Caption of every class image (``"a photo of dog"``); required with ``class_images``.
         center_crop: Center crop after resizing; otherwise a random crop.
         random_flip: Flip images horizontally with probability 0.5.
+        instance_captions: Per instance image, its own caption (placeholders filled), or None to use the instance
+            prompt; ``None`` for none at all.
+        caption_dropout: Probability that an instance row trains on the empty prompt.
+        shuffle_tags: Shuffle the comma-separated tags of each instance row's caption (after the first ``keep_tags``).
+        keep_tags: Leading tags that stay in place when shuffling.
     """
 
     def __init__(
@@ -75,6 +81,10 @@ class DreamBoothDataset(Dataset):
         class_prompt: str | None = None,
         center_crop: bool = True,
         random_flip: bool = False,
+        instance_captions: Sequence[str | None] | None = None,
+        caption_dropout: float = 0.0,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
     ) -> None:
         if not instance_images:
             raise ValueError("DreamBoothDataset: no instance images given.")
@@ -87,6 +97,10 @@ class DreamBoothDataset(Dataset):
                 raise ValueError("DreamBoothDataset: class_images need a class_prompt.")
         self.instance_images = [Path(p) for p in instance_images]
         self.instance_prompt = instance_prompt
+        if instance_captions is not None and len(instance_captions) != len(self.instance_images):
+            raise ValueError("DreamBoothDataset: instance_captions must give one entry per instance image.")
+        self.instance_captions = list(instance_captions) if instance_captions is not None else None
+        self.caption_dropout, self.shuffle_tags, self.keep_tags = caption_dropout, shuffle_tags, keep_tags
         self.class_images = [Path(p) for p in class_images] if class_images is not None else None
         self.class_prompt = class_prompt
         self.resolution = resolution
@@ -100,6 +114,25 @@ class DreamBoothDataset(Dataset):
     def _pixels(self, path: Path) -> Tensor:
         return self.transform(load_image(path))  # (3, resolution, resolution)
 
+    def base_caption(self, image_index: int) -> str:
+        """Instance image ``image_index``'s own caption, else the instance prompt."""
+        own = self.instance_captions[image_index] if self.instance_captions is not None else None
+        return own if own is not None else self.instance_prompt
+
+    def instance_caption(self, image_index: int) -> str:
+        """The caption this access trains instance image ``image_index`` on (tags shuffled, dropped out); call it
+        after the item's image draws, so that turning these options on leaves crops and flips as they were."""
+        return vary_caption(self.base_caption(image_index), self.shuffle_tags, self.keep_tags, self.caption_dropout)
+
+    def training_prompts(self) -> list[str] | None:
+        """Every prompt a row can train on (what the text-embedding cache holds), or None when there are too many
+        to list (shuffled tags)."""
+        if self.shuffle_tags:
+            return None
+        prompts = [self.base_caption(i) for i in range(len(self.instance_images))]
+        prompts += [""] if self.caption_dropout > 0 else []
+        return prompts + ([self.class_prompt] if self.class_images else [])
+
     def pair_indices(self, index: int) -> tuple[int, int | None]:
         """Item ``index`` -> (instance image index, class image index or None)."""
         if not 0 <= index < len(self):
@@ -108,9 +141,11 @@ class DreamBoothDataset(Dataset):
 
     def __getitem__(self, index: int) -> DreamBoothExample:
         i, c = self.pair_indices(index)
-        example: DreamBoothExample = {"instance": (self._pixels(self.instance_images[i]), self.instance_prompt)}
-        if c is not None:
-            example["class"] = (self._pixels(self.class_images[c]), self.class_prompt)
+        pixels = self._pixels(self.instance_images[i])
+        class_pixels = self._pixels(self.class_images[c]) if c is not None else None
+        example: DreamBoothExample = {"instance": (pixels, self.instance_caption(i))}  # the caption's draws come last
+        if class_pixels is not None:
+            example["class"] = (class_pixels, self.class_prompt)
         return example
 
 

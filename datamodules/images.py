@@ -51,12 +51,19 @@ def _is_skipped_silently(path: Path) -> bool:
 
 
 def non_image_files(folder: str | Path) -> list[Path]:
-    """Files in ``folder`` that :func:`list_images` skips for their extension (not hidden files or OS junk)."""
+    """Files in ``folder`` that :func:`list_images` skips for their extension (not hidden files or OS junk, nor the
+    photos' caption files: see :mod:`datamodules.captions`)."""
+    from datamodules.captions import caption_files
+
     folder = Path(folder).expanduser()
+    captions = caption_files(folder, list_images(folder))
     return sorted(
         p
         for p in folder.iterdir()
-        if not _is_skipped_silently(p) and p.suffix.lower() not in IMAGE_EXTENSIONS and not p.is_dir()
+        if not _is_skipped_silently(p)
+        and p.suffix.lower() not in IMAGE_EXTENSIONS
+        and not p.is_dir()
+        and p not in captions
     )
 
 

@@ -81,3 +81,15 @@ class SendSignalLate(Checkpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class RecordPrompts(pl.Callback):
+    """The prompts of each training batch, in order (and whether the batch carried cached text embeddings)."""
+
+    def __init__(self) -> None:
+        self.prompts: list[list[str]] = []
+        self.cached_embeddings: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.prompts.append(list(batch["prompts"]))
+        self.cached_embeddings.append("prompt_embeds" in batch)
