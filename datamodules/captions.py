@@ -139,7 +139,8 @@ def uses_class_noun(captions: Sequence[str | None]) -> bool:
 
 def identifier_nowhere_message(captions: Sequence[str], identifier: str, option_name: str) -> str | None:
     """A warning when no caption names the identifier (the subject would be learnt under no word of its own)."""
-    if any(identifier.lower() in prompt_words(c) for c in captions):
+    words = prompt_words(identifier)  # "<sks>" -> {"sks"}: tokens like it are matched by their word
+    if any(words and words <= prompt_words(c) for c in captions):
         return None
     return (
         f"{option_name}: the identifier {identifier!r} (data.identifier) appears in no caption, so no word names the "
