@@ -31,6 +31,7 @@ from datamodules.evaluation import (
     subject_templates,
 )
 from datamodules.images import check_image_folder, check_images, list_images
+from datamodules.masks import check_masks
 from datamodules.predict import collate_predict, load_control_image, read_prompts_file
 from datamodules.prompt_checks import missing_identifier_message
 from datamodules.prompts import resolve_templates
@@ -138,6 +139,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
         shuffle_tags: Shuffle the comma-separated tags of each instance caption at every access (tag-style captions).
             The captions then vary without end, so the text encoder runs every step (no text-embedding cache).
         keep_tags: With ``shuffle_tags``, the first N tags stay in place (e.g. 1 keeps "sks dog" first).
+        alpha_mask: A photo without a ``photo_mask.png`` beside it uses its own alpha channel (if it has one) as its
+            loss mask. Masks weigh each instance row's loss per pixel (white: trained on, black: ignored), reduced to
+            the latent grid; class rows are never masked. Photos with no mask at all leave training as it was.
         cache_dir: Folder of the latent and text-embedding caches; defaults to ``$DREAMBOOTH_CACHE/data``
             (``~/.cache/dreambooth_lightning/data``). A cache is keyed by everything its content depends on (image
             bytes, resolution, crop, flip, base model, revision, variant, VAE / text encoder), so a change
@@ -187,6 +191,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         caption_dropout: float = 0.0,
         shuffle_tags: bool = False,
         keep_tags: int = 0,
+        alpha_mask: bool = False,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -248,8 +253,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
         if stage == "predict" or (stage == "test" and hp.eval_data_dir):
             return  # renders prompts, or evaluates other subjects: the run's images are not needed
         images = check_image_folder(hp.instance_data_dir, "data.instance_data_dir", min_side=hp.resolution)
-        if stage == "fit":  # bad captions fail here, before class images are made
+        if stage == "fit":  # bad captions and masks fail here, before class images are made
             self._instance_captions(images, warn=True)
+            self._has_masks(images, announce=True)
         if stage == "fit" and not self._distributed():  # under DDP setup() does this, shared by all the ranks
             self._make_class_images(rank=0, world_size=1)
             self._build_caches()
@@ -372,6 +378,14 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 log.warning(message)
         return captions
 
+    def _has_masks(self, images: list[Path], announce: bool = False) -> bool:
+        """Whether any photo has a loss mask (each is checked: readable, the photo's size, not all black)."""
+        sizes = check_images(images, "data.instance_data_dir")
+        found = check_masks(images, sizes, self.hparams.alpha_mask)
+        if announce and found:
+            log.info("data.instance_data_dir: %d of %d photos have a loss mask.", found, len(images))
+        return found > 0
+
     def _build_train_dataset(self) -> DreamBoothDataset:
         hp = self.hparams
         prior = hp.with_prior_preservation
@@ -383,6 +397,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
             caption_dropout=hp.caption_dropout,
             shuffle_tags=hp.shuffle_tags,
             keep_tags=hp.keep_tags,
+            masks=self._has_masks(images),
+            alpha_mask=hp.alpha_mask,
             resolution=hp.resolution,
             class_images=self._class_images() if prior else None,
             class_prompt=hp.class_prompt if prior else None,
