@@ -29,3 +29,6 @@ class DreamBoothBatch(_RequiredFields, total=False):
     latent_mean: Tensor  # (B, 4, H/f, W/f) float32: VAE latent mean x scaling_factor (f: the VAE's downscale)
     latent_std: Tensor  # (B, 4, H/f, W/f) float32: VAE latent std x scaling_factor
     prompt_embeds: Tensor  # (B, 77, D) float32: the frozen text encoder's last hidden states for each row's prompt
+    loss_weight: Tensor  # (B, 1, H, W) float32 in [0, 1], only with loss masks: each pixel's weight in the row's loss
+    # (instance rows: the photo's mask, cropped and flipped as the photo; class rows: ones), reduced to the latent grid
+    # by the loss

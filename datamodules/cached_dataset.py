@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from datamodules.batch import DreamBoothBatch
 from datamodules.caches import LatentTable
-from datamodules.datasets import DreamBoothDataset
+from datamodules.datasets import DreamBoothDataset, add_loss_weight
 
 LatentRow = tuple[Tensor, Tensor, str]  # (4, h, w) mean, (4, h, w) std, the row's prompt
 
@@ -34,32 +34,44 @@ class CachedLatentDataset(Dataset):
             raise ValueError(f"latent table of {tuple(table.mean.shape)} does not match the {n_images} images")
         self.dataset = dataset
         self.table = table
+        # With masks: each instance image's mask in the cached views (unflipped, flipped), (N, views, 1, H, W).
+        self.masks = None
+        if dataset.masks:
+            center = torch.stack([dataset.center_mask(i) for i in range(len(dataset.instance_images))])
+            views = [center, center.flip(-1)][: table.mean.shape[1]]
+            self.masks = torch.stack(views, dim=1)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _row(self, image_index: int, prompt: str) -> LatentRow:
+    def _view(self, image_index: int) -> tuple[int, Tensor, Tensor]:
         views = self.table.mean.shape[1]
         v = int(torch.rand(()) < 0.5) if views == 2 else 0
-        return self.table.mean[image_index, v], self.table.std[image_index, v], prompt
+        return v, self.table.mean[image_index, v], self.table.std[image_index, v]
 
-    def __getitem__(self, index: int) -> dict[str, LatentRow]:
+    def __getitem__(self, index: int) -> dict:
         i, c = self.dataset.pair_indices(index)
-        example = {"instance": self._row(i, self.dataset.instance_prompt)}
-        if c is not None:
-            example["class"] = self._row(len(self.dataset.instance_images) + c, self.dataset.class_prompt)
+        v, *instance = self._view(i)
+        prior = self._view(len(self.dataset.instance_images) + c)[1:] if c is not None else None
+        example = {"instance": (*instance, self.dataset.instance_caption(i))}  # the caption's draws come last
+        if self.masks is not None:
+            example["instance_mask"] = self.masks[i, v]
+        if prior is not None:
+            example["class"] = (*prior, self.dataset.class_prompt)
         return example
 
 
-def collate_latents(examples: Sequence[dict[str, LatentRow]]) -> DreamBoothBatch:
+def collate_latents(examples: Sequence[dict]) -> DreamBoothBatch:
     """Like :func:`~datamodules.datasets.collate_dreambooth` (instance rows, then class rows, with ``is_prior``)."""
     rows = [ex["instance"] for ex in examples] + [ex["class"] for ex in examples if "class" in ex]
-    return DreamBoothBatch(
+    batch = DreamBoothBatch(
         latent_mean=torch.stack([r[0] for r in rows]),  # (B, 4, h, w)
         latent_std=torch.stack([r[1] for r in rows]),  # (B, 4, h, w)
         prompts=[r[2] for r in rows],  # (B,)
         is_prior=torch.tensor([False] * len(examples) + [True] * (len(rows) - len(examples))),  # (B,)
     )
+    add_loss_weight(batch, examples)
+    return batch
 
 
 class WithTextEmbeddings:

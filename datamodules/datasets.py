@@ -13,12 +13,16 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from datamodules.batch import DreamBoothBatch
+from datamodules.captions import vary_caption
 from datamodules.images import load_image
+from datamodules.masks import load_mask
 
 # One item: the instance image with its prompt and, only when the dataset has class images, a class image
 # with its prompt. Pixels are (3, resolution, resolution) float32 in [-1, 1].
 DreamBoothExample = TypedDict(
-    "DreamBoothExample", {"instance": tuple[Tensor, str], "class": tuple[Tensor, str]}, total=False
+    "DreamBoothExample",
+    {"instance": tuple[Tensor, str], "class": tuple[Tensor, str], "instance_mask": Tensor},  # mask: (1, H, W)
+    total=False,
 )
 
 
@@ -33,6 +37,15 @@ def image_transform(resolution: int, center_crop: bool = True, random_flip: bool
         steps.append(transforms.RandomHorizontalFlip(p=0.5))
     steps += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]  # [0, 1] -> [-1, 1]
     return transforms.Compose(steps)
+
+
+def mask_transform(resolution: int, center_crop: bool = True, random_flip: bool = False) -> transforms.Compose:
+    """Grayscale mask -> (1, resolution, resolution) float32 in [0, 1], by the geometric steps of
+    :func:`image_transform` (run under the same random state as its photo, it gets the same crop and flip)."""
+    steps = _resize_and_crop(resolution, center_crop)
+    if random_flip:
+        steps.append(transforms.RandomHorizontalFlip(p=0.5))
+    return transforms.Compose([*steps, transforms.ToTensor()])
 
 
 def _resize_and_crop(resolution: int, center_crop: bool) -> list:
@@ -64,6 +77,14 @@ class DreamBoothDataset(Dataset):
         class_prompt: Caption of every class image (``"a photo of dog"``); required with ``class_images``.
         center_crop: Center crop after resizing; otherwise a random crop.
         random_flip: Flip images horizontally with probability 0.5.
+        instance_captions: Per instance image, its own caption (placeholders filled), or None to use the instance
+            prompt; ``None`` for none at all.
+        caption_dropout: Probability that an instance row trains on the empty prompt.
+        shuffle_tags: Shuffle the comma-separated tags of each instance row's caption (after the first ``keep_tags``).
+        keep_tags: Leading tags that stay in place when shuffling.
+        masks: Give each instance row its loss mask (``instance_mask``, ones for a photo without one): the photo's
+            ``photo_mask.png``, or with ``alpha_mask`` its alpha channel (see :mod:`datamodules.masks`).
+        alpha_mask: A photo without a mask file uses its own alpha channel, if it has one.
     """
 
     def __init__(
@@ -75,6 +96,12 @@ class DreamBoothDataset(Dataset):
         class_prompt: str | None = None,
         center_crop: bool = True,
         random_flip: bool = False,
+        instance_captions: Sequence[str | None] | None = None,
+        caption_dropout: float = 0.0,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
+        masks: bool = False,
+        alpha_mask: bool = False,
     ) -> None:
         if not instance_images:
             raise ValueError("DreamBoothDataset: no instance images given.")
@@ -87,10 +114,17 @@ class DreamBoothDataset(Dataset):
                 raise ValueError("DreamBoothDataset: class_images need a class_prompt.")
         self.instance_images = [Path(p) for p in instance_images]
         self.instance_prompt = instance_prompt
+        if instance_captions is not None and len(instance_captions) != len(self.instance_images):
+            raise ValueError("DreamBoothDataset: instance_captions must give one entry per instance image.")
+        self.instance_captions = list(instance_captions) if instance_captions is not None else None
+        self.caption_dropout, self.shuffle_tags, self.keep_tags = caption_dropout, shuffle_tags, keep_tags
         self.class_images = [Path(p) for p in class_images] if class_images is not None else None
         self.class_prompt = class_prompt
         self.resolution = resolution
         self.transform = image_transform(resolution, center_crop, random_flip)
+        self.masks, self.alpha_mask = masks, alpha_mask
+        self.mask_transform = mask_transform(resolution, center_crop, random_flip)
+        self._center_mask = mask_transform(resolution)
 
     def __len__(self) -> int:
         if self.class_images is None:
@@ -100,6 +134,47 @@ class DreamBoothDataset(Dataset):
     def _pixels(self, path: Path) -> Tensor:
         return self.transform(load_image(path))  # (3, resolution, resolution)
 
+    def _pixels_and_mask(self, path: Path) -> tuple[Tensor, Tensor]:
+        """The photo's pixels and (1, resolution, resolution) mask, cropped and flipped alike."""
+        image = load_image(path)
+        mask = load_mask(path, image.size, self.alpha_mask)
+        before = torch.get_rng_state()
+        pixels = self.transform(image)
+        if mask is None:
+            return pixels, torch.ones(1, *pixels.shape[1:])
+        after = torch.get_rng_state()
+        torch.set_rng_state(before)  # the mask's random crop and flip draw what the photo's drew
+        weights = self.mask_transform(mask)
+        torch.set_rng_state(after)
+        return pixels, weights
+
+    def center_mask(self, image_index: int) -> Tensor:
+        """(1, resolution, resolution) mask of instance image ``image_index`` center-cropped, unflipped (what cached
+        latents were encoded from), ones for a photo without one."""
+        path = self.instance_images[image_index]
+        image = load_image(path)
+        mask = load_mask(path, image.size, self.alpha_mask)
+        return self._center_mask(mask) if mask is not None else torch.ones(1, self.resolution, self.resolution)
+
+    def base_caption(self, image_index: int) -> str:
+        """Instance image ``image_index``'s own caption, else the instance prompt."""
+        own = self.instance_captions[image_index] if self.instance_captions is not None else None
+        return own if own is not None else self.instance_prompt
+
+    def instance_caption(self, image_index: int) -> str:
+        """The caption this access trains instance image ``image_index`` on (tags shuffled, dropped out); call it
+        after the item's image draws, so that turning these options on leaves crops and flips as they were."""
+        return vary_caption(self.base_caption(image_index), self.shuffle_tags, self.keep_tags, self.caption_dropout)
+
+    def training_prompts(self) -> list[str] | None:
+        """Every prompt a row can train on (what the text-embedding cache holds), or None when there are too many
+        to list (shuffled tags)."""
+        if self.shuffle_tags:
+            return None
+        prompts = [self.base_caption(i) for i in range(len(self.instance_images))]
+        prompts += [""] if self.caption_dropout > 0 else []
+        return prompts + ([self.class_prompt] if self.class_images else [])
+
     def pair_indices(self, index: int) -> tuple[int, int | None]:
         """Item ``index`` -> (instance image index, class image index or None)."""
         if not 0 <= index < len(self):
@@ -108,9 +183,16 @@ class DreamBoothDataset(Dataset):
 
     def __getitem__(self, index: int) -> DreamBoothExample:
         i, c = self.pair_indices(index)
-        example: DreamBoothExample = {"instance": (self._pixels(self.instance_images[i]), self.instance_prompt)}
-        if c is not None:
-            example["class"] = (self._pixels(self.class_images[c]), self.class_prompt)
+        if self.masks:
+            pixels, mask = self._pixels_and_mask(self.instance_images[i])
+        else:
+            pixels, mask = self._pixels(self.instance_images[i]), None
+        class_pixels = self._pixels(self.class_images[c]) if c is not None else None
+        example: DreamBoothExample = {"instance": (pixels, self.instance_caption(i))}  # the caption's draws come last
+        if mask is not None:
+            example["instance_mask"] = mask
+        if class_pixels is not None:
+            example["class"] = (class_pixels, self.class_prompt)
         return example
 
 
@@ -128,8 +210,19 @@ def collate_dreambooth(examples: Sequence[DreamBoothExample]) -> DreamBoothBatch
             prompts.append(ex["class"][1])
             is_prior.append(True)
     pixel_values = torch.stack(pixels).to(memory_format=torch.contiguous_format).float()  # (B, 3, H, W)
-    return DreamBoothBatch(
+    batch = DreamBoothBatch(
         pixel_values=pixel_values,
         prompts=prompts,  # (B,)
         is_prior=torch.tensor(is_prior, dtype=torch.bool),  # (B,)
     )
+    add_loss_weight(batch, examples)
+    return batch
+
+
+def add_loss_weight(batch: DreamBoothBatch, examples: Sequence[dict]) -> None:
+    """With masks, the batch's ``loss_weight`` (B, 1, H, W): each instance row's mask, ones for the class rows."""
+    if "instance_mask" not in examples[0]:
+        return
+    masks = [ex["instance_mask"] for ex in examples]
+    class_rows = int(batch["is_prior"].sum())
+    batch["loss_weight"] = torch.stack(masks + [torch.ones_like(masks[0])] * class_rows).float()

@@ -13,6 +13,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.cached_dataset import CachedLatentDataset, WithTextEmbeddings, collate_latents
 from datamodules.caches import latent_cache, text_embedding_cache
+from datamodules.captions import (
+    check_caption_options,
+    fill_caption,
+    identifier_nowhere_message,
+    read_captions,
+    uses_class_noun,
+)
 from datamodules.class_images import generate_class_images
 from datamodules.datasets import DreamBoothDataset, collate_dreambooth
 from datamodules.evaluation import (
@@ -24,6 +31,7 @@ from datamodules.evaluation import (
     subject_templates,
 )
 from datamodules.images import check_image_folder, check_images, list_images
+from datamodules.masks import check_masks
 from datamodules.predict import collate_predict, load_control_image, read_prompts_file
 from datamodules.prompt_checks import missing_identifier_message
 from datamodules.prompts import resolve_templates
@@ -123,6 +131,17 @@ class DreamBoothDataModule(pl.LightningDataModule):
             so it turns the cache off, with a log line); a random flip is cached both ways.
         cache_text_embeddings: Encode each prompt once with the frozen text encoder before training, which then
             is never loaded for training. Set by the CLI from ``model.train_text_encoder`` (on when it is false).
+        captions: Train each photo on its own caption where it has one: ``photo.txt`` beside ``photo.jpg``, or a
+            ``metadata.jsonl`` / ``metadata.csv`` in the folder (``file_name`` and ``text`` of each photo). Captions may
+            use ``{identifier}`` and ``{class_noun}``; photos without one train on ``instance_prompt``. False trains
+            every photo on ``instance_prompt``.
+        caption_dropout: Probability that an instance row trains on the empty prompt (class rows keep theirs).
+        shuffle_tags: Shuffle the comma-separated tags of each instance caption at every access (tag-style captions).
+            The captions then vary without end, so the text encoder runs every step (no text-embedding cache).
+        keep_tags: With ``shuffle_tags``, the first N tags stay in place (e.g. 1 keeps "sks dog" first).
+        alpha_mask: A photo without a ``photo_mask.png`` beside it uses its own alpha channel (if it has one) as its
+            loss mask. Masks weigh each instance row's loss per pixel (white: trained on, black: ignored), reduced to
+            the latent grid; class rows are never masked. Photos with no mask at all leave training as it was.
         cache_dir: Folder of the latent and text-embedding caches; defaults to ``$DREAMBOOTH_CACHE/data``
             (``~/.cache/dreambooth_lightning/data``). A cache is keyed by everything its content depends on (image
             bytes, resolution, crop, flip, base model, revision, variant, VAE / text encoder), so a change
@@ -168,6 +187,11 @@ class DreamBoothDataModule(pl.LightningDataModule):
         eval_seed: int = 0,
         cache_latents: bool = True,
         cache_text_embeddings: bool = True,
+        captions: bool = True,
+        caption_dropout: float = 0.0,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
+        alpha_mask: bool = False,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -210,6 +234,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 raise ConfigError(
                     "data.class_images_batch_size (or auto) and data.class_images_inference_steps must be positive."
                 )
+        check_caption_options(caption_dropout, keep_tags)
         if class_prompt and (message := missing_identifier_message(instance_prompt, class_prompt)):
             log.warning(message)
         self.save_hyperparameters()
@@ -232,7 +257,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
         )  # a model of a family we train, from its configs
         if stage == "predict" or (stage == "test" and hp.eval_data_dir):
             return  # renders prompts, or evaluates other subjects: the run's images are not needed
-        check_image_folder(hp.instance_data_dir, "data.instance_data_dir", min_side=hp.resolution)
+        images = check_image_folder(hp.instance_data_dir, "data.instance_data_dir", min_side=hp.resolution)
+        if stage == "fit":  # bad captions and masks fail here, before class images are made
+            self._instance_captions(images, warn=True)
+            self._has_masks(images, announce=True)
         if stage == "fit" and not self._distributed():  # under DDP setup() does this, shared by all the ranks
             self._make_class_images(rank=0, world_size=1)
             self._build_caches()
@@ -332,12 +360,50 @@ class DreamBoothDataModule(pl.LightningDataModule):
         check_images(images, "data.class_data_dir")
         return images
 
+    def _instance_captions(self, images: list[Path], warn: bool = False) -> list[str | None] | None:
+        """Each photo's own caption with its placeholders filled (None where it has none), or None for no captions."""
+        hp = self.hparams
+        if not hp.captions:
+            return None
+        raw = read_captions(hp.instance_data_dir, images, "data.instance_data_dir")
+        if all(c is None for c in raw):
+            return None
+        noun = hp.class_noun or ""
+        if uses_class_noun(raw):
+            noun = validation_class_noun(["{class_noun}"], None, hp.identifier, hp.class_noun, hp.instance_prompt)
+        captions = [None if c is None else fill_caption(c, hp.identifier, noun) for c in raw]
+        if warn:
+            log.info(
+                "data.instance_data_dir: %d of %d photos have their own caption.",
+                sum(c is not None for c in raw),
+                len(raw),
+            )
+            effective = [hp.instance_prompt if c is None else c for c in captions]
+            if message := identifier_nowhere_message(effective, hp.identifier, "data.instance_data_dir captions"):
+                log.warning(message)
+        return captions
+
+    def _has_masks(self, images: list[Path], announce: bool = False) -> bool:
+        """Whether any photo has a loss mask (each is checked: readable, the photo's size, not all black)."""
+        sizes = check_images(images, "data.instance_data_dir")
+        found = check_masks(images, sizes, self.hparams.alpha_mask)
+        if announce and found:
+            log.info("data.instance_data_dir: %d of %d photos have a loss mask.", found, len(images))
+        return found > 0
+
     def _build_train_dataset(self) -> DreamBoothDataset:
         hp = self.hparams
         prior = hp.with_prior_preservation
+        images = check_image_folder(hp.instance_data_dir, "data.instance_data_dir", warn=False)
         return DreamBoothDataset(
-            instance_images=check_image_folder(hp.instance_data_dir, "data.instance_data_dir", warn=False),
+            instance_images=images,
             instance_prompt=hp.instance_prompt,
+            instance_captions=self._instance_captions(images),
+            caption_dropout=hp.caption_dropout,
+            shuffle_tags=hp.shuffle_tags,
+            keep_tags=hp.keep_tags,
+            masks=self._has_masks(images),
+            alpha_mask=hp.alpha_mask,
             resolution=hp.resolution,
             class_images=self._class_images() if prior else None,
             class_prompt=hp.class_prompt if prior else None,
@@ -363,8 +429,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 images, hp.resolution, hp.random_flip, *model, cache_dir=hp.cache_dir, single_file_config=sfc
             )
             data, collate = CachedLatentDataset(dataset, table), collate_latents
-        if hp.cache_text_embeddings:
-            prompts = [dataset.instance_prompt] + ([dataset.class_prompt] if dataset.class_images else [])
+        prompts = dataset.training_prompts()  # one cache entry per distinct prompt
+        if hp.cache_text_embeddings and prompts is None and announce:
+            log.info("data.shuffle_tags is on: the captions vary without end, so the text encoder runs every step.")
+        if hp.cache_text_embeddings and prompts is not None:
             embeds = text_embedding_cache(prompts, *model, cache_dir=hp.cache_dir, single_file_config=sfc)
             collate = WithTextEmbeddings(collate, embeds)
         return data, collate

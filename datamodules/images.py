@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from datamodules.masks import is_mask_of_a_photo
 from lightning_modules.errors import InputFileError, InputNotFoundError
 from lightning_modules.safe_files import atomic_write
 
@@ -51,12 +52,19 @@ def _is_skipped_silently(path: Path) -> bool:
 
 
 def non_image_files(folder: str | Path) -> list[Path]:
-    """Files in ``folder`` that :func:`list_images` skips for their extension (not hidden files or OS junk)."""
+    """Files in ``folder`` that :func:`list_images` skips for their extension (not hidden files or OS junk, nor the
+    photos' caption files: see :mod:`datamodules.captions`)."""
+    from datamodules.captions import caption_files
+
     folder = Path(folder).expanduser()
+    captions = caption_files(folder, list_images(folder))
     return sorted(
         p
         for p in folder.iterdir()
-        if not _is_skipped_silently(p) and p.suffix.lower() not in IMAGE_EXTENSIONS and not p.is_dir()
+        if not _is_skipped_silently(p)
+        and p.suffix.lower() not in IMAGE_EXTENSIONS
+        and not p.is_dir()
+        and p not in captions
     )
 
 
@@ -74,8 +82,8 @@ def list_images(folder: str | Path) -> list[Path]:
     """The image files directly in ``folder``, sorted by name.
 
     Hidden files (``.DS_Store``, ``._photo.jpg`` from macOS, temporary files being written), known junk
-    (``Thumbs.db``, ``desktop.ini``), sub-folders, broken symbolic links and files without an image extension
-    are skipped. Symbolic links to images are followed.
+    (``Thumbs.db``, ``desktop.ini``), sub-folders, broken symbolic links, files without an image extension and the
+    loss masks of photos (``photo_mask.png`` beside ``photo.jpg``, see :mod:`datamodules.masks`) are skipped. Symbolic links to images are followed.
     """
     folder = Path(folder).expanduser()
     found = []
@@ -84,7 +92,8 @@ def list_images(folder: str | Path) -> list[Path]:
             continue
         if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
             found.append(path)
-    return sorted(found)
+    stems = {p.stem for p in found}
+    return sorted(p for p in found if not is_mask_of_a_photo(p, stems))  # photo_mask.png is photo.jpg's loss mask
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

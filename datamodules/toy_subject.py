@@ -40,11 +40,26 @@ def _star(cx: float, cy: float, outer: float, inner: float, turn: float) -> list
 
 def draw_toy_image(resolution: int, rng: random.Random) -> Image.Image:
     """One image of the toy ball, with position, size, checker phase and background drawn from ``rng``."""
+    return draw_toy_photo_and_mask(resolution, rng)[0]
+
+
+def draw_toy_photo_and_mask(
+    resolution: int, rng: random.Random, wall: tuple[int, int, int] | None = None, striped: bool = False
+) -> tuple[Image.Image, Image.Image]:
+    """:func:`draw_toy_image` and the ball's mask (8-bit grayscale, white on the ball). ``wall`` replaces the drawn
+    wall colour and ``striped`` draws the toy world's stripes on it (``datamodules.toy_world``); the random draws
+    are the same either way, so the ball is where it is in the plain image."""
     s = resolution * SUPERSAMPLE
-    wall, floor = rng.choice(WALLS), rng.choice(FLOORS)
+    drawn_wall, floor = rng.choice(WALLS), rng.choice(FLOORS)
+    wall = wall or drawn_wall
     horizon = int(s * rng.uniform(0.45, 0.7))
     img = Image.new("RGB", (s, s), wall)
     draw = ImageDraw.Draw(img)
+    if striped:  # as the toy world draws a striped wall
+        stripe = s // 8
+        shade = tuple(int(c * 0.78) for c in wall)
+        for x in range(0, s, 2 * stripe):
+            draw.rectangle([x, 0, x + stripe - 1, horizon], fill=shade)
     draw.rectangle([0, horizon, s, s], fill=floor)
 
     radius = s * rng.uniform(0.22, 0.34)
@@ -79,7 +94,8 @@ def draw_toy_image(resolution: int, rng: random.Random) -> Image.Image:
     # A highlight that makes it read as a sphere.
     hx, hy, hr = cx - radius * 0.45, cy - radius * 0.5, radius * 0.13
     draw.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=(255, 255, 255))
-    return img.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    size = (resolution, resolution)
+    return img.resize(size, Image.Resampling.LANCZOS), mask.resize(size, Image.Resampling.LANCZOS)
 
 
 def draw_toy_subject(out_dir: str | Path, num_images: int = 5, resolution: int = 64, seed: int = 0) -> list[Path]:

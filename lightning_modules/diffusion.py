@@ -23,7 +23,9 @@ class LossTerms(NamedTuple):
     prior: Tensor  # mean squared error over class rows (0 when the batch has none)
 
 
-def dreambooth_loss(model_pred: Tensor, target: Tensor, is_prior: Tensor, prior_loss_weight: float) -> LossTerms:
+def dreambooth_loss(
+    model_pred: Tensor, target: Tensor, is_prior: Tensor, prior_loss_weight: float, loss_weight: Tensor | None = None
+) -> LossTerms:
     """MSE over instance rows + ``prior_loss_weight`` x MSE over class rows.
 
     Args:
@@ -31,10 +33,17 @@ def dreambooth_loss(model_pred: Tensor, target: Tensor, is_prior: Tensor, prior_
         target: (B, C, h, w) noise (epsilon) or velocity (v_prediction).
         is_prior: (B,) bool, True for class (prior-preservation) rows.
         prior_loss_weight: weight of the class rows' term; 0 gives plain fine-tuning on the instance rows.
+        loss_weight: (B, 1, H, W) per-pixel weights in [0, 1] (loss masks; ones on class rows), or None. They are
+            averaged down to the latent grid (h, w), and each row's error is their weighted mean.
     """
     if is_prior.dtype != torch.bool or is_prior.shape != model_pred.shape[:1]:
         raise ValueError(f"is_prior must be a bool mask of shape ({model_pred.shape[0]},), got {tuple(is_prior.shape)}")
-    per_row = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    error = F.mse_loss(model_pred.float(), target.float(), reduction="none")  # (B, C, h, w)
+    if loss_weight is None:
+        per_row = error.mean(dim=(1, 2, 3))  # (B,)
+    else:
+        w = F.adaptive_avg_pool2d(loss_weight.float().to(error.device), error.shape[-2:])  # (B, 1, h, w)
+        per_row = (error * w).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3)).clamp_min(1e-8)  # (B,)
     zero = per_row.new_zeros(())
     instance = per_row[~is_prior].mean() if (~is_prior).any() else zero
     prior = per_row[is_prior].mean() if is_prior.any() else zero

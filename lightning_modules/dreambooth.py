@@ -358,7 +358,7 @@ class DreamBoothModule(pl.LightningModule):
         context = self._text_context(batch)  # (B, 77, D)
         model_pred = self.unet(to_memory_format(noisy_latents, hp.channels_last), timesteps, context).sample
         target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
-        terms = dreambooth_loss(model_pred, target, batch["is_prior"], hp.prior_loss_weight)
+        terms = dreambooth_loss(model_pred, target, batch["is_prior"], hp.prior_loss_weight, batch.get("loss_weight"))
         bs = batch["is_prior"].shape[0]
         self._check_loss(terms._asdict(), batch_idx)
         if self._skip_optimizer_step and hp.fused_backward:  # its optimizer steps inside backward: skip backward

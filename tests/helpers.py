@@ -81,3 +81,20 @@ class SendSignalLate(Checkpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class RecordPrompts(pl.Callback):
+    """The prompts of each training batch, in order, whether it carried cached text embeddings, its loss weights."""
+
+    def __init__(self) -> None:
+        self.prompts: list[list[str]] = []
+        self.cached_embeddings: list[bool] = []
+        self.loss_weights: list = []  # each batch's loss_weight (a copy), or None
+        self.is_prior: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.prompts.append(list(batch["prompts"]))
+        self.cached_embeddings.append("prompt_embeds" in batch)
+        weight = batch.get("loss_weight")
+        self.loss_weights.append(None if weight is None else weight.detach().cpu().clone())
+        self.is_prior.append(batch["is_prior"].detach().cpu().clone())

@@ -1,0 +1,40 @@
+"""The toy data of bench/toy_masks.py and bench/toy_captions.py: what their measurements rest on."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from PIL import Image
+
+from bench.toy_captions import COLOURS, draw_subject_on_walls
+from bench.toy_masks import draw_subject_on_striped_wall
+from datamodules.images import list_images
+from datamodules.toy_subject import draw_toy_image, draw_toy_photo_and_mask
+
+
+def test_plain_drawing_is_unchanged_and_the_mask_covers_the_ball():
+    photo, mask = draw_toy_photo_and_mask(32, random.Random(3))
+    assert photo.tobytes() == draw_toy_image(32, random.Random(3)).tobytes()
+    m = np.asarray(mask) / 255.0
+    assert 0.05 < m.mean() < 0.5  # the ball, not the picture
+    teal = np.asarray(photo)[m > 0.9]  # on the ball: its teal and orange checks, not the wall
+    assert (np.abs(teal.astype(int) - (0, 150, 150)).sum(axis=1) < 60).mean() > 0.2
+
+
+def test_striped_wall_photos_have_masks_and_stripes(tmp_path):
+    draw_subject_on_striped_wall(tmp_path / "masked", masks=True)
+    photos = list_images(tmp_path / "masked")
+    assert len(photos) == 5 and all(p.with_name(f"{p.stem}_mask.png").is_file() for p in photos)
+    top_row = np.asarray(Image.open(photos[0]))[0].astype(int)  # (W, 3): across the stripes
+    assert top_row.std(axis=0).max() > 10
+    draw_subject_on_striped_wall(tmp_path / "plain", masks=False)
+    assert not list((tmp_path / "plain").glob("*_mask.png"))
+
+
+def test_wall_photos_are_captioned_with_their_colour(tmp_path):
+    draw_subject_on_walls(tmp_path / "c", captions=True)
+    captions = sorted(p.read_text().strip() for p in (tmp_path / "c").glob("*.txt"))
+    assert captions == sorted(f"a {{identifier}} ball, plain {c} wall" for c in COLOURS)
+    walls = {tuple(np.asarray(Image.open(p))[0, 0]) for p in list_images(tmp_path / "c")}
+    assert len(walls) == 5  # each photo on its own wall colour
