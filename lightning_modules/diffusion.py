@@ -23,7 +23,9 @@ class LossTerms(NamedTuple):
     prior: Tensor  # mean squared error over class rows (0 when the batch has none)
 
 
-def dreambooth_loss(model_pred: Tensor, target: Tensor, is_prior: Tensor, prior_loss_weight: float) -> LossTerms:
+def dreambooth_loss(
+    model_pred: Tensor, target: Tensor, is_prior: Tensor, prior_loss_weight: float, row_weights: Tensor | None = None
+) -> LossTerms:
     """MSE over instance rows + ``prior_loss_weight`` x MSE over class rows.
 
     Args:
@@ -31,10 +33,14 @@ def dreambooth_loss(model_pred: Tensor, target: Tensor, is_prior: Tensor, prior_
         target: (B, C, h, w) noise (epsilon) or velocity (v_prediction).
         is_prior: (B,) bool, True for class (prior-preservation) rows.
         prior_loss_weight: weight of the class rows' term; 0 gives plain fine-tuning on the instance rows.
+        row_weights: (B,) float weight of each row's mean squared error (min-SNR: ``loss_recipes.loss_row_weights``),
+            instance and class rows alike; None weighs every row 1.
     """
     if is_prior.dtype != torch.bool or is_prior.shape != model_pred.shape[:1]:
         raise ValueError(f"is_prior must be a bool mask of shape ({model_pred.shape[0]},), got {tuple(is_prior.shape)}")
     per_row = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if row_weights is not None:
+        per_row = per_row * row_weights.to(per_row)
     zero = per_row.new_zeros(())
     instance = per_row[~is_prior].mean() if (~is_prior).any() else zero
     prior = per_row[is_prior].mean() if is_prior.any() else zero

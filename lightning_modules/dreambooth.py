@@ -16,7 +16,6 @@ from datamodules.predict import PredictBatch
 from datamodules.validation import ValidationBatch
 from lightning_modules.controlnet import check_controlnet_fits, load_controlnet
 from lightning_modules.diffusion import (
-    add_noise,
     diffusion_target,
     dreambooth_loss,
     encode_latents,
@@ -34,6 +33,7 @@ from lightning_modules.lora import (
     lora_config,
     resolve_lora_file,
 )
+from lightning_modules.loss_recipes import LossRecipe, draw_noisy_inputs, loss_row_weights
 from lightning_modules.memory import (
     AttentionName,
     apply_unet_savers,
@@ -102,6 +102,13 @@ class DreamBoothModule(pl.LightningModule):
             last step.
         lr_warmup_steps: Optimizer steps of linear warmup from 0.
         prior_loss_weight: Weight of the prior-preservation (class rows) term; 0 gives plain fine-tuning.
+        snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; kohya's ``min_snr_gamma``, diffusers'
+            ``--snr_gamma``): each row's squared error is weighted by min(SNR, gamma) / SNR (epsilon prediction) or
+            min(SNR, gamma) / (SNR + 1) (v-prediction), class rows too. 5 is the usual value; null is off.
+        noise_offset: Offset noise: ``noise_offset * N(0, 1)`` per row and channel added to the noise, so the model
+            can learn darker or brighter images than average. 0.05-0.1 are usual; 0 is off.
+        input_perturbation: Noise the UNet's input with ``noise + input_perturbation * N(0, 1)`` while the target stays
+            ``noise`` (Ning et al. 2023, against exposure bias). 0.1 is usual; 0 is off.
         gradient_checkpointing: Recompute activations in backward to save memory (UNet, and the text encoder when
             trained).
         attention: Attention kernel of the UNet: ``sdpa`` (torch's scaled_dot_product_attention, with flash /
@@ -155,6 +162,9 @@ class DreamBoothModule(pl.LightningModule):
         lr_scheduler: SchedulerName = "constant",
         lr_warmup_steps: int = 0,
         prior_loss_weight: float = 1.0,
+        snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        input_perturbation: float = 0.0,
         gradient_checkpointing: bool = False,
         attention: AttentionName = "sdpa",
         channels_last: bool = False,
@@ -174,6 +184,7 @@ class DreamBoothModule(pl.LightningModule):
             raise ConfigError("model.learning_rate and model.text_encoder_lr must be positive.")
         if prior_loss_weight < 0:
             raise ConfigError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
+        self.loss_recipe = LossRecipe(snr_gamma, noise_offset, input_perturbation).check()
         if fused_backward and use_lora:
             raise ConfigError(
                 "model.fused_backward is for full fine-tuning (model.use_lora false); LoRA's gradients are small."
@@ -327,11 +338,12 @@ class DreamBoothModule(pl.LightningModule):
     def training_step(self, batch: DreamBoothBatch, batch_idx: int) -> torch.Tensor:
         parts, hp = self.parts, self.hparams
         latents = self._latents(batch)  # (B, 4, h, w)
-        noisy_latents, noise, timesteps = add_noise(parts.noise_scheduler, latents)
+        noisy_latents, noise, timesteps = draw_noisy_inputs(parts.noise_scheduler, latents, self.loss_recipe)
         context = self._text_context(batch)  # (B, 77, D)
         model_pred = self.unet(to_memory_format(noisy_latents, hp.channels_last), timesteps, context).sample
         target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
-        terms = dreambooth_loss(model_pred, target, batch["is_prior"], hp.prior_loss_weight)
+        weights = loss_row_weights(parts.noise_scheduler, timesteps, self.loss_recipe)  # None unless min-SNR
+        terms = dreambooth_loss(model_pred, target, batch["is_prior"], hp.prior_loss_weight, weights)
         bs = batch["is_prior"].shape[0]
         self._check_loss(terms._asdict(), batch_idx)
         if self._skip_optimizer_step and hp.fused_backward:  # its optimizer steps inside backward: skip backward
