@@ -42,7 +42,15 @@ from lightning_modules.memory import (
     to_memory_format,
 )
 from lightning_modules.numerics import NanPolicy, NonFiniteLossError, check_finite_weights, non_finite_loss_message
-from lightning_modules.optim import OptimizerName, SchedulerName, build_lr_scheduler, build_optimizer, param_groups
+from lightning_modules.optim import (
+    OptimizerName,
+    SchedulerName,
+    build_lr_scheduler,
+    build_optimizer,
+    check_optimizer_available,
+    check_schedule,
+    param_groups,
+)
 from lightning_modules.pipeline import build_pipeline
 from lightning_modules.rng_state import capture_rng_states, restore_rng_states
 from lightning_modules.sampling import SamplingSettings, image_seed, render
@@ -93,13 +101,20 @@ class DreamBoothModule(pl.LightningModule):
         lora_text_encoder_target_modules: Text-encoder modules that get an adapter.
         learning_rate: Learning rate of the UNet (its LoRA adapters or its full weights).
         text_encoder_lr: Learning rate of the text encoder; defaults to ``learning_rate``.
-        optimizer: ``adamw``, or ``adamw8bit`` (bitsandbytes; optimizer state in 8 bits).
+        optimizer: ``adamw``; ``adamw8bit`` / ``paged_adamw8bit`` (bitsandbytes; state in 8 bits); ``lion`` /
+            ``lion8bit`` / ``paged_lion8bit`` (bitsandbytes; usual: a 3-10x smaller learning rate and 3-10x larger
+            weight decay than AdamW's, ``adam_beta2`` 0.99); ``adafactor`` (transformers, with this learning rate;
+            ``adam_beta1`` is its beta1); ``prodigy`` (needs ``pip install prodigyopt``; usual: learning rate 1.0,
+            ``adam_beta2`` 0.99).
         adam_beta1: Adam beta1.
         adam_beta2: Adam beta2.
         adam_weight_decay: Decoupled weight decay.
         adam_epsilon: Adam epsilon.
-        lr_scheduler: Learning-rate schedule after warmup: ``constant``, ``linear`` or ``cosine`` decay to 0 at the
-            last step.
+        lr_scheduler: Learning-rate schedule after warmup (diffusers' ``get_scheduler``): ``constant``, ``linear`` or
+            ``cosine`` decay to 0 at the last step, ``cosine_with_restarts`` (``lr_num_cycles`` hard restarts),
+            ``polynomial`` (decay of power ``lr_power`` to nearly 0).
+        lr_num_cycles: Cycles of ``cosine_with_restarts``.
+        lr_power: Power of ``polynomial`` decay (1: linear).
         lr_warmup_steps: Optimizer steps of linear warmup from 0.
         prior_loss_weight: Weight of the prior-preservation (class rows) term; 0 gives plain fine-tuning.
         snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; kohya's ``min_snr_gamma``, diffusers'
@@ -161,6 +176,8 @@ class DreamBoothModule(pl.LightningModule):
         adam_epsilon: float = 1e-8,
         lr_scheduler: SchedulerName = "constant",
         lr_warmup_steps: int = 0,
+        lr_num_cycles: int = 1,
+        lr_power: float = 1.0,
         prior_loss_weight: float = 1.0,
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
@@ -184,6 +201,8 @@ class DreamBoothModule(pl.LightningModule):
             raise ConfigError("model.learning_rate and model.text_encoder_lr must be positive.")
         if prior_loss_weight < 0:
             raise ConfigError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
+        check_optimizer_available(optimizer)  # before any weight loads
+        check_schedule(lr_warmup_steps, lr_num_cycles, lr_power)
         self.loss_recipe = LossRecipe(snr_gamma, noise_offset, input_perturbation).check()
         if fused_backward and use_lora:
             raise ConfigError(
@@ -411,7 +430,9 @@ class DreamBoothModule(pl.LightningModule):
         else:
             optimizer = build_optimizer(hp.optimizer, groups, betas, hp.adam_weight_decay, hp.adam_epsilon)
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = build_lr_scheduler(hp.lr_scheduler, optimizer, hp.lr_warmup_steps, total)
+        scheduler = build_lr_scheduler(
+            hp.lr_scheduler, optimizer, hp.lr_warmup_steps, total, hp.lr_num_cycles, hp.lr_power
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
