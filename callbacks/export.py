@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -41,11 +42,15 @@ class DreamBoothExport(pl.Callback):
         hp = pl_module.hparams
         base = (hp.pretrained_model_name_or_path, hp.revision, hp.variant)
         config = hp.get("single_file_config")
-        if hp.use_lora:
-            path = export_lora(pl_module.unet, pl_module.text_encoder, out, *base, single_file_config=config)
-        else:
-            te = pl_module.text_encoder if hp.train_text_encoder else None
-            path = export_full(pl_module.unet, te, out, *base, single_file=self.single_file, single_file_config=config)
+        averaged = getattr(pl_module, "averaged_weights", nullcontext)
+        with averaged():  # the EMA of the trained weights when model.ema_decay is set
+            if hp.use_lora:
+                path = export_lora(pl_module.unet, pl_module.text_encoder, out, *base, single_file_config=config)
+            else:
+                te = pl_module.text_encoder if hp.train_text_encoder else None
+                path = export_full(
+                    pl_module.unet, te, out, *base, single_file=self.single_file, single_file_config=config
+                )
         self.last_export = path
         rank_zero_info(f"Exported trained weights to {path}")
         for logger in trainer.loggers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from contextlib import nullcontext
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -23,6 +24,7 @@ from lightning_modules.diffusion import (
     sample_latents,
     tokenize,
 )
+from lightning_modules.ema import TrainedWeightsEMA, check_ema_decay
 from lightning_modules.errors import CheckpointMismatchError, ConfigError
 from lightning_modules.fused_optim import OptimizerInBackward, fused_backward_conflicts
 from lightning_modules.lora import (
@@ -122,6 +124,10 @@ class DreamBoothModule(pl.LightningModule):
             min(SNR, gamma) / (SNR + 1) (v-prediction), class rows too. 5 is the usual value; null is off.
         noise_offset: Offset noise: ``noise_offset * N(0, 1)`` per row and channel added to the noise, so the model
             can learn darker or brighter images than average. 0.05-0.1 are usual; 0 is off.
+        ema_decay: Keep an exponential moving average of the trained weights (decay per optimizer step, with
+            diffusers' warmup ``min(decay, (1 + n) / (10 + n))``; 0.999 is usual, null is off). When on, validation
+            renders during ``fit`` and the export use the average; checkpoints hold the raw weights and the average,
+            and a resumed run continues it.
         input_perturbation: Noise the UNet's input with ``noise + input_perturbation * N(0, 1)`` while the target stays
             ``noise`` (Ning et al. 2023, against exposure bias). 0.1 is usual; 0 is off.
         gradient_checkpointing: Recompute activations in backward to save memory (UNet, and the text encoder when
@@ -182,6 +188,7 @@ class DreamBoothModule(pl.LightningModule):
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
         input_perturbation: float = 0.0,
+        ema_decay: float | None = None,
         gradient_checkpointing: bool = False,
         attention: AttentionName = "sdpa",
         channels_last: bool = False,
@@ -203,6 +210,7 @@ class DreamBoothModule(pl.LightningModule):
             raise ConfigError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
         check_optimizer_available(optimizer)  # before any weight loads
         check_schedule(lr_warmup_steps, lr_num_cycles, lr_power)
+        check_ema_decay(ema_decay)
         self.loss_recipe = LossRecipe(snr_gamma, noise_offset, input_perturbation).check()
         if fused_backward and use_lora:
             raise ConfigError(
@@ -230,6 +238,8 @@ class DreamBoothModule(pl.LightningModule):
         self.strict_loading = False
         self._skip_optimizer_step = False  # set by a non-finite loss under nan_policy="skip"
         self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
+        self.ema: TrainedWeightsEMA | None = None  # made in configure_model when model.ema_decay is set
+        self._ema_context = None  # the EMA swapped in for a validation run
 
     # ----------------------------------------------------------------------------------------------- model set-up
     def configure_model(self) -> None:
@@ -272,6 +282,13 @@ class DreamBoothModule(pl.LightningModule):
         self.parts = parts
         # Registered as submodules so Lightning moves them, wraps them (DDP) and sees their parameters.
         self.unet, self.text_encoder = parts.unet, parts.text_encoder
+        if hp.get("ema_decay") and not hp.lora_weights:
+            trained = {name: p for name, p in self.named_parameters() if p.requires_grad}
+            self.ema = TrainedWeightsEMA(trained, hp.ema_decay)
+
+    def averaged_weights(self):
+        """A context in which the trained weights are their EMA (model.ema_decay), or unchanged when it is off."""
+        return self.ema.swapped_in() if self.ema is not None else nullcontext()
 
     def frozen(self, name: Literal["vae", "text_encoder"]) -> nn.Module:
         """The VAE or the text encoder, loaded (in the frozen dtype, on this module's device) if it is not.
@@ -435,6 +452,11 @@ class DreamBoothModule(pl.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # here, not in on_train_batch_end: callbacks (checkpoints) run before that hook
+            self.ema.update()
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Asking to stop at the last step makes Lightning validate there too, so every run ends with a grid.
         if self.trainer.max_steps > 0 and self.trainer.global_step >= self.trainer.max_steps:
@@ -442,6 +464,9 @@ class DreamBoothModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- rendering
     def on_validation_epoch_start(self) -> None:
+        if self.ema is not None and self.trainer.state.fn == "fit":  # render with the average, train on
+            self._ema_context = self.ema.swapped_in()
+            self._ema_context.__enter__()
         self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler)
 
     def validation_step(self, batch: ValidationBatch, batch_idx: int) -> dict:
@@ -450,6 +475,9 @@ class DreamBoothModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._pipe = None
+        if self._ema_context is not None:  # the raw weights back before checkpoints are saved and training goes on
+            self._ema_context.__exit__(None, None, None)
+            self._ema_context = None
         if self.trainer.state.fn == "fit":  # training goes on: the frozen parts leave the training device again
             self.release_frozen()
 
@@ -533,6 +561,8 @@ class DreamBoothModule(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         check_finite_weights(checkpoint["state_dict"], self.global_step)  # never replace a good checkpoint
         checkpoint["rng_states"] = capture_rng_states()  # so that a resumed run draws the same noise
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Loading is partial by design; make sure it is complete for what trains and matches this model."""
@@ -546,6 +576,13 @@ class DreamBoothModule(pl.LightningModule):
                 "Was it made with other LoRA / train_text_encoder settings or another base model?"
             )
         self._rng_states_to_restore = checkpoint.get("rng_states")
+        if self.ema is not None:
+            if "ema" not in checkpoint:
+                raise CheckpointMismatchError(
+                    "model.ema_decay is set but the checkpoint holds no EMA: it was saved by a run without it. "
+                    "Resume with the run's own settings."
+                )
+            self.ema.load_state_dict(checkpoint["ema"])
 
     def on_train_start(self) -> None:
         if self._rng_states_to_restore is not None:  # restored last, after everything that set up the run
