@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -45,21 +46,23 @@ class DreamBoothExport(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
-        gathered = gathered_trained_weights(trainer.strategy, pl_module)  # FSDP: every rank takes part
-        if not trainer.is_global_zero:
-            return
-        out = self.export_dir(trainer)
-        hp = pl_module.hparams
-        base = (hp.pretrained_model_name_or_path, hp.revision, hp.variant)
-        config = hp.get("single_file_config")
-        unet, text_encoder = pl_module.unet, pl_module.text_encoder
-        if gathered is not None:  # the modules hold shards: plain copies of the base model with the trained weights
-            unet, text_encoder = parts_with_weights(pl_module, gathered)
-        if hp.use_lora:
-            path = export_lora(unet, text_encoder, out, *base, single_file_config=config)
-        else:
-            te = text_encoder if hp.train_text_encoder else None
-            path = export_full(unet, te, out, *base, single_file=self.single_file, single_file_config=config)
+        averaged = getattr(pl_module, "averaged_weights", nullcontext)
+        with averaged():  # the EMA of the trained weights when model.ema_decay is set
+            gathered = gathered_trained_weights(trainer.strategy, pl_module)  # FSDP: every rank takes part
+            if not trainer.is_global_zero:
+                return
+            out = self.export_dir(trainer)
+            hp = pl_module.hparams
+            base = (hp.pretrained_model_name_or_path, hp.revision, hp.variant)
+            config = hp.get("single_file_config")
+            unet, text_encoder = pl_module.unet, pl_module.text_encoder
+            if gathered is not None:  # the modules hold shards: copies of the base model with the trained weights
+                unet, text_encoder = parts_with_weights(pl_module, gathered)
+            if hp.use_lora:
+                path = export_lora(unet, text_encoder, out, *base, single_file_config=config)
+            else:
+                te = text_encoder if hp.train_text_encoder else None
+                path = export_full(unet, te, out, *base, single_file=self.single_file, single_file_config=config)
         self.last_export = path
         rank_zero_info(f"Exported trained weights to {path}")
         for logger in trainer.loggers:

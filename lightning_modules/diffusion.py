@@ -24,7 +24,12 @@ class LossTerms(NamedTuple):
 
 
 def dreambooth_loss(
-    model_pred: Tensor, target: Tensor, is_prior: Tensor, prior_loss_weight: float, loss_weight: Tensor | None = None
+    model_pred: Tensor,
+    target: Tensor,
+    is_prior: Tensor,
+    prior_loss_weight: float,
+    loss_weight: Tensor | None = None,
+    row_weights: Tensor | None = None,
 ) -> LossTerms:
     """MSE over instance rows + ``prior_loss_weight`` x MSE over class rows.
 
@@ -35,6 +40,8 @@ def dreambooth_loss(
         prior_loss_weight: weight of the class rows' term; 0 gives plain fine-tuning on the instance rows.
         loss_weight: (B, 1, H, W) per-pixel weights in [0, 1] (loss masks; ones on class rows), or None. They are
             averaged down to the latent grid (h, w), and each row's error is their weighted mean.
+        row_weights: (B,) float weight of each row's mean squared error (min-SNR: ``loss_recipes.loss_row_weights``),
+            instance and class rows alike; None weighs every row 1.
     """
     if is_prior.dtype != torch.bool or is_prior.shape != model_pred.shape[:1]:
         raise ValueError(f"is_prior must be a bool mask of shape ({model_pred.shape[0]},), got {tuple(is_prior.shape)}")
@@ -44,6 +51,8 @@ def dreambooth_loss(
     else:
         w = F.adaptive_avg_pool2d(loss_weight.float().to(error.device), error.shape[-2:])  # (B, 1, h, w)
         per_row = (error * w).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3)).clamp_min(1e-8)  # (B,)
+    if row_weights is not None:
+        per_row = per_row * row_weights.to(per_row)
     zero = per_row.new_zeros(())
     instance = per_row[~is_prior].mean() if (~is_prior).any() else zero
     prior = per_row[is_prior].mean() if is_prior.any() else zero

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from contextlib import nullcontext
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -16,7 +17,6 @@ from datamodules.predict import PredictBatch
 from datamodules.validation import ValidationBatch
 from lightning_modules.controlnet import check_controlnet_fits, load_controlnet
 from lightning_modules.diffusion import (
-    add_noise,
     diffusion_target,
     dreambooth_loss,
     encode_latents,
@@ -24,6 +24,7 @@ from lightning_modules.diffusion import (
     sample_latents,
     tokenize,
 )
+from lightning_modules.ema import TrainedWeightsEMA, check_ema_decay
 from lightning_modules.errors import CheckpointMismatchError, ConfigError
 from lightning_modules.fused_optim import OptimizerInBackward, fused_backward_conflicts
 from lightning_modules.lora import (
@@ -34,6 +35,7 @@ from lightning_modules.lora import (
     lora_config,
     resolve_lora_file,
 )
+from lightning_modules.loss_recipes import LossRecipe, draw_noisy_inputs, loss_row_weights
 from lightning_modules.memory import (
     AttentionName,
     apply_unet_savers,
@@ -42,7 +44,15 @@ from lightning_modules.memory import (
     to_memory_format,
 )
 from lightning_modules.numerics import NanPolicy, NonFiniteLossError, check_finite_weights, non_finite_loss_message
-from lightning_modules.optim import OptimizerName, SchedulerName, build_lr_scheduler, build_optimizer, param_groups
+from lightning_modules.optim import (
+    OptimizerName,
+    SchedulerName,
+    build_lr_scheduler,
+    build_optimizer,
+    check_optimizer_available,
+    check_schedule,
+    param_groups,
+)
 from lightning_modules.pipeline import build_pipeline
 from lightning_modules.rng_state import capture_rng_states, restore_rng_states
 from lightning_modules.sampling import SamplingSettings, image_seed, render
@@ -120,15 +130,33 @@ class DreamBoothModule(pl.LightningModule):
         lora_text_encoder_target_modules: Text-encoder modules that get an adapter.
         learning_rate: Learning rate of the UNet (its LoRA adapters or its full weights).
         text_encoder_lr: Learning rate of the text encoder; defaults to ``learning_rate``.
-        optimizer: ``adamw``, or ``adamw8bit`` (bitsandbytes; optimizer state in 8 bits).
+        optimizer: ``adamw``; ``adamw8bit`` / ``paged_adamw8bit`` (bitsandbytes; state in 8 bits); ``lion`` /
+            ``lion8bit`` / ``paged_lion8bit`` (bitsandbytes; usual: a 3-10x smaller learning rate and 3-10x larger
+            weight decay than AdamW's, ``adam_beta2`` 0.99); ``adafactor`` (transformers, with this learning rate;
+            ``adam_beta1`` is its beta1); ``prodigy`` (needs ``pip install prodigyopt``; usual: learning rate 1.0,
+            ``adam_beta2`` 0.99).
         adam_beta1: Adam beta1.
         adam_beta2: Adam beta2.
         adam_weight_decay: Decoupled weight decay.
         adam_epsilon: Adam epsilon.
-        lr_scheduler: Learning-rate schedule after warmup: ``constant``, ``linear`` or ``cosine`` decay to 0 at the
-            last step.
+        lr_scheduler: Learning-rate schedule after warmup (diffusers' ``get_scheduler``): ``constant``, ``linear`` or
+            ``cosine`` decay to 0 at the last step, ``cosine_with_restarts`` (``lr_num_cycles`` hard restarts),
+            ``polynomial`` (decay of power ``lr_power`` to nearly 0).
+        lr_num_cycles: Cycles of ``cosine_with_restarts``.
+        lr_power: Power of ``polynomial`` decay (1: linear).
         lr_warmup_steps: Optimizer steps of linear warmup from 0.
         prior_loss_weight: Weight of the prior-preservation (class rows) term; 0 gives plain fine-tuning.
+        snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; kohya's ``min_snr_gamma``, diffusers'
+            ``--snr_gamma``): each row's squared error is weighted by min(SNR, gamma) / SNR (epsilon prediction) or
+            min(SNR, gamma) / (SNR + 1) (v-prediction), class rows too. 5 is the usual value; null is off.
+        noise_offset: Offset noise: ``noise_offset * N(0, 1)`` per row and channel added to the noise, so the model
+            can learn darker or brighter images than average. 0.05-0.1 are usual; 0 is off.
+        ema_decay: Keep an exponential moving average of the trained weights (decay per optimizer step, with
+            diffusers' warmup ``min(decay, (1 + n) / (10 + n))``; 0.999 is usual, null is off). When on, validation
+            renders during ``fit`` and the export use the average; checkpoints hold the raw weights and the average,
+            and a resumed run continues it.
+        input_perturbation: Noise the UNet's input with ``noise + input_perturbation * N(0, 1)`` while the target stays
+            ``noise`` (Ning et al. 2023, against exposure bias). 0.1 is usual; 0 is off.
         gradient_checkpointing: Recompute activations in backward to save memory (UNet, and the text encoder when
             trained).
         attention: Attention kernel of the UNet: ``sdpa`` (torch's scaled_dot_product_attention, with flash /
@@ -181,7 +209,13 @@ class DreamBoothModule(pl.LightningModule):
         adam_epsilon: float = 1e-8,
         lr_scheduler: SchedulerName = "constant",
         lr_warmup_steps: int = 0,
+        lr_num_cycles: int = 1,
+        lr_power: float = 1.0,
         prior_loss_weight: float = 1.0,
+        snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        input_perturbation: float = 0.0,
+        ema_decay: float | None = None,
         gradient_checkpointing: bool = False,
         attention: AttentionName = "sdpa",
         channels_last: bool = False,
@@ -201,6 +235,10 @@ class DreamBoothModule(pl.LightningModule):
             raise ConfigError("model.learning_rate and model.text_encoder_lr must be positive.")
         if prior_loss_weight < 0:
             raise ConfigError(f"model.prior_loss_weight must be >= 0, got {prior_loss_weight}.")
+        check_optimizer_available(optimizer)  # before any weight loads
+        check_schedule(lr_warmup_steps, lr_num_cycles, lr_power)
+        check_ema_decay(ema_decay)
+        self.loss_recipe = LossRecipe(snr_gamma, noise_offset, input_perturbation).check()
         if fused_backward and use_lora:
             raise ConfigError(
                 "model.fused_backward is for full fine-tuning (model.use_lora false); LoRA's gradients are small."
@@ -227,6 +265,8 @@ class DreamBoothModule(pl.LightningModule):
         self.strict_loading = False
         self._skip_optimizer_step = False  # set by a non-finite loss under nan_policy="skip"
         self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
+        self.ema: TrainedWeightsEMA | None = None  # made in configure_model when model.ema_decay is set
+        self._ema_context = None  # the EMA swapped in for a validation run
 
     # ----------------------------------------------------------------------------------------------- model set-up
     def configure_model(self) -> None:
@@ -269,6 +309,13 @@ class DreamBoothModule(pl.LightningModule):
         self.parts = parts
         # Registered as submodules so Lightning moves them, wraps them (DDP) and sees their parameters.
         self.unet, self.text_encoder = parts.unet, parts.text_encoder
+        if hp.get("ema_decay") and not hp.lora_weights:
+            trained = {name: p for name, p in self.named_parameters() if p.requires_grad}
+            self.ema = TrainedWeightsEMA(trained, hp.ema_decay)
+
+    def averaged_weights(self):
+        """A context in which the trained weights are their EMA (model.ema_decay), or unchanged when it is off."""
+        return self.ema.swapped_in() if self.ema is not None else nullcontext()
 
     def frozen(self, name: Literal["vae", "text_encoder"]) -> nn.Module:
         """The VAE or the text encoder, loaded (in the frozen dtype, on this module's device) if it is not.
@@ -354,11 +401,13 @@ class DreamBoothModule(pl.LightningModule):
     def training_step(self, batch: DreamBoothBatch, batch_idx: int) -> torch.Tensor:
         parts, hp = self.parts, self.hparams
         latents = self._latents(batch)  # (B, 4, h, w)
-        noisy_latents, noise, timesteps = add_noise(parts.noise_scheduler, latents)
+        noisy_latents, noise, timesteps = draw_noisy_inputs(parts.noise_scheduler, latents, self.loss_recipe)
         context = self._text_context(batch)  # (B, 77, D)
         model_pred = self.unet(to_memory_format(noisy_latents, hp.channels_last), timesteps, context).sample
         target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
-        terms = dreambooth_loss(model_pred, target, batch["is_prior"], hp.prior_loss_weight, batch.get("loss_weight"))
+        weights = loss_row_weights(parts.noise_scheduler, timesteps, self.loss_recipe)  # None unless min-SNR
+        loss_weight = batch.get("loss_weight")  # per-pixel loss masks, or None
+        terms = dreambooth_loss(model_pred, target, batch["is_prior"], hp.prior_loss_weight, loss_weight, weights)
         bs = batch["is_prior"].shape[0]
         self._check_loss(terms._asdict(), batch_idx)
         if self._skip_optimizer_step and hp.fused_backward:  # its optimizer steps inside backward: skip backward
@@ -426,8 +475,15 @@ class DreamBoothModule(pl.LightningModule):
         else:
             optimizer = build_optimizer(hp.optimizer, groups, betas, hp.adam_weight_decay, hp.adam_epsilon)
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = build_lr_scheduler(hp.lr_scheduler, optimizer, hp.lr_warmup_steps, total)
+        scheduler = build_lr_scheduler(
+            hp.lr_scheduler, optimizer, hp.lr_warmup_steps, total, hp.lr_num_cycles, hp.lr_power
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # here, not in on_train_batch_end: callbacks (checkpoints) run before that hook
+            self.ema.update()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Asking to stop at the last step makes Lightning validate there too, so every run ends with a grid.
@@ -436,6 +492,9 @@ class DreamBoothModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- rendering
     def on_validation_epoch_start(self) -> None:
+        if self.ema is not None and self.trainer.state.fn == "fit":  # render with the average, train on
+            self._ema_context = self.ema.swapped_in()
+            self._ema_context.__enter__()
         self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler)
 
     def validation_step(self, batch: ValidationBatch, batch_idx: int) -> dict | None:
@@ -444,6 +503,9 @@ class DreamBoothModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._pipe = None
+        if self._ema_context is not None:  # the raw weights back before checkpoints are saved and training goes on
+            self._ema_context.__exit__(None, None, None)
+            self._ema_context = None
         if self.trainer.state.fn == "fit":  # training goes on: the frozen parts leave the training device again
             self.release_frozen()
 
@@ -528,6 +590,8 @@ class DreamBoothModule(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         check_finite_weights(checkpoint["state_dict"], self.global_step)  # never replace a good checkpoint
         checkpoint["rng_states"] = capture_rng_states()  # so that a resumed run draws the same noise
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Loading is partial by design; make sure it is complete for what trains and matches this model.
@@ -538,6 +602,13 @@ class DreamBoothModule(pl.LightningModule):
         if "state_dict" in checkpoint:
             self.check_checkpoint_keys(set(checkpoint["state_dict"]))
         self._rng_states_to_restore = checkpoint.get("rng_states")
+        if self.ema is not None:
+            if "ema" not in checkpoint:
+                raise CheckpointMismatchError(
+                    "model.ema_decay is set but the checkpoint holds no EMA: it was saved by a run without it. "
+                    "Resume with the run's own settings."
+                )
+            self.ema.load_state_dict(checkpoint["ema"])
 
     def check_checkpoint_keys(self, saved: set[str]) -> None:
         """Raise :class:`CheckpointMismatchError` unless ``saved`` holds every trained weight and nothing unknown."""
