@@ -1,4 +1,6 @@
-"""Per-image captions on the toy world: captions that name each photo's wall let the prompt change the wall.
+"""Per-image captions on the toy world: do captions that name each photo's wall let the prompt change the wall?
+
+Measured (bench/results/cpu_toy_captions.md, one seed): not in this setup; the instance prompt alone scored higher.
 
     python bench/toy_captions.py [--steps 120] [--seeds 0] [--out bench/results/cpu_toy_captions.md]
 
