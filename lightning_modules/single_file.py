@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 import re
 import zipfile
@@ -49,27 +50,33 @@ def read_checkpoint_keys(path: str | Path) -> list[str]:
         ValueError: an unknown suffix, or a pickle that ``torch.load(weights_only=True)`` refuses (it would need to
             import and call code to load); the message names the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"Single-file checkpoint {str(path)!r} does not exist.")
-    suffix = path.suffix.lower()
-    if suffix == SAFETENSORS_SUFFIX:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    if suffix in PICKLE_SUFFIXES:
-        return list(load_pickle_checkpoint(path))
-    raise InputFileError(
-        f"{str(path)!r}: unknown checkpoint format {suffix!r}; give a {' / '.join(SINGLE_FILE_SUFFIXES)}."
-    )
+    return list(checkpoint_shapes(path))
 
 
 def read_checkpoint_shape(path: str | Path, key: str) -> tuple[int, ...]:
-    """The shape of one weight of a single-file checkpoint (a ``.safetensors`` header read; a pickle memory-mapped)."""
+    """The shape of one weight of a single-file checkpoint."""
+    return checkpoint_shapes(path)[key]
+
+
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every weight's name and shape (a ``.safetensors`` header read; a pickle memory-mapped), read once per version
+    of the file: family detection, the completeness check and the loader all ask."""
     path = Path(path)
-    if path.suffix.lower() == SAFETENSORS_SUFFIX:
-        with safe_open(str(path), framework="pt") as f:
-            return tuple(f.get_slice(key).get_shape())
-    return tuple(load_pickle_checkpoint(path)[key].shape)
+    if not path.is_file():
+        raise InputNotFoundError(f"Single-file checkpoint {str(path)!r} does not exist.")
+    stat = path.stat()
+    return dict(_checkpoint_shapes(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_shapes(path: str, mtime_ns: int, size: int) -> dict[str, tuple[int, ...]]:
+    suffix = Path(path).suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        with safe_open(path, framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - no iteration
+    if suffix in PICKLE_SUFFIXES:
+        return {key: tuple(value.shape) for key, value in load_pickle_checkpoint(path).items()}
+    raise InputFileError(f"{path!r}: unknown checkpoint format {suffix!r}; give a {' / '.join(SINGLE_FILE_SUFFIXES)}.")
 
 
 def load_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
