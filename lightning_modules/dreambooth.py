@@ -491,10 +491,21 @@ class DreamBoothModule(pl.LightningModule):
             self.trainer.should_stop = True
 
     # ----------------------------------------------------------------------------------------------- rendering
-    def on_validation_epoch_start(self) -> None:
-        if self.ema is not None and self.trainer.state.fn == "fit":  # render with the average, train on
+    def _swap_in_ema(self) -> None:
+        """Render with the EMA of the trained weights (model.ema_decay, or a checkpoint's) until :meth:`_swap_out_ema`:
+        the export holds the average, so every render of the trained model does too."""
+        if self.ema is not None and self._ema_context is None:
             self._ema_context = self.ema.swapped_in()
             self._ema_context.__enter__()
+
+    def _swap_out_ema(self) -> None:
+        """The raw trained weights back (before checkpoints are saved and training goes on)."""
+        if self._ema_context is not None:
+            self._ema_context.__exit__(None, None, None)
+            self._ema_context = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._swap_in_ema()
         self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler)
 
     def validation_step(self, batch: ValidationBatch, batch_idx: int) -> dict | None:
@@ -503,13 +514,12 @@ class DreamBoothModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._pipe = None
-        if self._ema_context is not None:  # the raw weights back before checkpoints are saved and training goes on
-            self._ema_context.__exit__(None, None, None)
-            self._ema_context = None
+        self._swap_out_ema()
         if self.trainer.state.fn == "fit":  # training goes on: the frozen parts leave the training device again
             self.release_frozen()
 
     def on_test_epoch_start(self) -> None:
+        self._swap_in_ema()
         self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler)
 
     def test_step(self, batch: EvalBatch, batch_idx: int) -> dict | None:
@@ -520,8 +530,10 @@ class DreamBoothModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._pipe = None
+        self._swap_out_ema()
 
     def on_predict_epoch_start(self) -> None:
+        self._swap_in_ema()
         self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler, self.controlnet)
 
     def predict_step(self, batch: PredictBatch, batch_idx: int) -> dict | None:
@@ -537,6 +549,7 @@ class DreamBoothModule(pl.LightningModule):
 
     def on_predict_epoch_end(self) -> None:
         self._pipe = None
+        self._swap_out_ema()
 
     def _render_prompts(self, batch: ValidationBatch, n: int, control_image: torch.Tensor | None = None) -> dict:
         """``n`` images per prompt of the batch, image ``j`` of a prompt seeded by the prompt's seed and ``j``."""
@@ -602,6 +615,11 @@ class DreamBoothModule(pl.LightningModule):
         if "state_dict" in checkpoint:
             self.check_checkpoint_keys(set(checkpoint["state_dict"]))
         self._rng_states_to_restore = checkpoint.get("rng_states")
+        if self.ema is None and "ema" in checkpoint and self.trainer.state.fn != "fit":
+            # validate / test / predict from a checkpoint of a run with EMA render its average, as its export holds,
+            # whether or not model.ema_decay is set now (a resumed fit without it trains on without an average).
+            trained = {name: p for name, p in self.named_parameters() if p.requires_grad}
+            self.ema = TrainedWeightsEMA(trained, checkpoint["ema"].get("decay", 0.999))
         if self.ema is not None:
             if "ema" not in checkpoint:
                 raise CheckpointMismatchError(

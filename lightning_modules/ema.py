@@ -60,7 +60,8 @@ class TrainedWeightsEMA:
                 p.copy_(saved[name])
 
     def state_dict(self) -> dict:
-        return {"num_updates": self.num_updates, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
+        shadow = {k: v.cpu() for k, v in self.shadow.items()}
+        return {"num_updates": self.num_updates, "decay": self.decay, "shadow": shadow}
 
     def load_state_dict(self, state: dict) -> None:
         if set(state["shadow"]) != set(self.shadow):

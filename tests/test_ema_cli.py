@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from callbacks.run_dir import run_dir
@@ -45,3 +47,40 @@ def test_ema_exports_the_average_trains_the_same_and_resumes_bitwise(run_args):
 def test_bad_ema_decay_is_a_clean_error(run_args, capsys):
     assert main(run_args("--model.ema_decay=1.5")) == 2
     assert "error: model.ema_decay must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_predict_from_a_checkpoint_renders_the_average_as_the_export(run_args, tmp_path):
+    """``predict --ckpt_path`` of a run with EMA renders the average (what its export holds), with or without
+    model.ema_decay in the predict command; the raw weights (a run without EMA trains the same) render otherwise."""
+    fast = ("--model.learning_rate=0.3", "--model.train_text_encoder=false", "--trainer.limit_val_batches=0")
+    folders = {}
+    for name, extra in (("plain", ()), ("ema", ("--model.ema_decay=0.9",))):
+        cli = cli_main(run_args(*fast, *extra, "--trainer.default_root_dir", str(tmp_path / name), steps=2))
+        folders[name] = run_dir(cli.trainer)
+
+    def predict(*overrides: str) -> np.ndarray:
+        out = tmp_path / f"predicted{len(list(tmp_path.glob('predicted*')))}"
+        cli_main(
+            [
+                "predict",
+                "--config", str(folders["ema"] / "config.yaml"),  # the run's own config, as the README says
+                "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false",
+                '--data.predict_prompts=["a photo of {identifier} {class_noun}"]',
+                "--model.sampling.num_inference_steps=3",
+                "--model.sampling.num_images_per_prompt=1",
+                f"--render.dirpath={out}",
+                *overrides,
+            ]
+        )  # fmt: skip
+        (png,) = sorted(out.glob("0*.png"))
+        return np.asarray(Image.open(png), dtype=np.int16)
+
+    (ckpt,) = folders["ema"].rglob("last.ckpt")
+    from_ckpt = predict("--ckpt_path", str(ckpt))
+    from_ckpt_without_option = predict("--ckpt_path", str(ckpt), "--model.ema_decay=null")
+    from_export = predict(f"--model.lora_weights={folders['ema'] / 'export'}", "--model.ema_decay=null")
+    raw = predict(f"--model.lora_weights={folders['plain'] / 'export'}", "--model.ema_decay=null")
+    assert np.abs(from_ckpt - from_export).max() <= 1
+    assert np.abs(from_ckpt_without_option - from_export).max() <= 1
+    assert np.abs(raw - from_export).max() > 2, "the average and the raw weights render alike: the test shows nothing"
