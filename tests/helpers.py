@@ -98,3 +98,14 @@ class RecordPrompts(pl.Callback):
         weight = batch.get("loss_weight")
         self.loss_weights.append(None if weight is None else weight.detach().cpu().clone())
         self.is_prior.append(batch["is_prior"].detach().cpu().clone())
+
+
+class RecordInstancePrompts(pl.Callback):
+    """Appends ``<epoch> <global step> <global rank> <prompt>`` for each instance row of each training batch to the file
+    named by the environment variable ``RECORD_PROMPTS`` (one line per row; ranks append to the same file)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        rows = [p for p, prior in zip(batch["prompts"], batch["is_prior"].tolist(), strict=True) if not prior]
+        with open(os.environ["RECORD_PROMPTS"], "a", encoding="utf-8") as f:
+            for prompt in rows:
+                f.write(f"{trainer.current_epoch} {trainer.global_step} {trainer.global_rank} {prompt}\n")
