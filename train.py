@@ -6,7 +6,6 @@ A user-input error (a missing or unreadable file, a bad option value, incompatib
 
 from __future__ import annotations
 
-import operator
 import pickle
 import sys
 
@@ -39,7 +38,14 @@ class DreamBoothCLI(LightningCLI):
             parser.link_arguments(f"model.{name}", f"data.{name}")
         parser.link_arguments("data.resolution", "model.resolution")
         # A frozen text encoder's embeddings are cached by the data module; a trained one encodes every step.
-        parser.link_arguments("model.train_text_encoder", "data.cache_text_embeddings", compute_fn=operator.not_)
+        # (New tokens' embeddings train too: pivotal tuning, data.new_tokens, which the module reads as well.)
+        parser.link_arguments(
+            ("model.train_text_encoder", "data.new_tokens"),
+            "data.cache_text_embeddings",
+            compute_fn=lambda train_text_encoder, new_tokens: not (train_text_encoder or new_tokens),
+        )
+        parser.link_arguments("data.new_tokens", "model.new_tokens")
+        parser.link_arguments("data.identifier", "model.identifier")
         # Always-present callbacks, configured as top-level groups (metrics score the renders before the grid logs them).
         parser.add_lightning_class_args(SubjectMetrics, "metrics")
         parser.add_lightning_class_args(SampleGrid, "grid")

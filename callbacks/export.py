@@ -59,7 +59,11 @@ class DreamBoothExport(pl.Callback):
             if gathered is not None:  # the modules hold shards: copies of the base model with the trained weights
                 unet, text_encoder = parts_with_weights(pl_module, gathered)
             if hp.use_lora:
-                path = export_lora(unet, text_encoder, out, *base, single_file_config=config)
+                emb = pl_module.new_token_state() if hasattr(pl_module, "new_token_state") else None
+                tokens = hp.get("new_tokens") if emb is not None else None
+                path = export_lora(
+                    unet, text_encoder, out, *base, single_file_config=config, embeddings=emb, new_tokens=tokens
+                )
             else:
                 te = text_encoder if hp.train_text_encoder else None
                 path = export_full(unet, te, out, *base, single_file=self.single_file, single_file_config=config)

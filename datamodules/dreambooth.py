@@ -103,6 +103,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
             25 prompts of the DreamBooth evaluation for objects or for live subjects). An empty list renders only the
             PRES prompt, if any.
         identifier: The rare token that names the subject in the instance prompt, e.g. ``sks``.
+        new_tokens: Pivotal tuning: new tokens (e.g. ``["<s0>", "<s1>"]``) that the identifier stands for. They are
+            added to the tokenizer, their embeddings train beside the LoRA (``model.new_token_init``,
+            ``model.new_token_lr``), and the text encoder reads each prompt with its identifier word replaced by them,
+            while prompts, captions, grids and metadata keep the identifier. Null is off. No text-embedding cache then.
         class_noun: The subject's class noun in validation prompts, e.g. ``dog``; by default the words after the
             identifier in the instance prompt ("a photo of sks dog" -> "dog").
         pres_prompt: Template of the bare class prompt rendered for PRES (prior preservation), e.g. ``"a
@@ -171,6 +175,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         seed: int = 0,
         validation_prompts: str | list[str] = "default",
         identifier: str = "sks",
+        new_tokens: list[str] | None = None,
         class_noun: str | None = None,
         pres_prompt: str | None = "a {class_noun}",
         validation_batch_size: int = 4,

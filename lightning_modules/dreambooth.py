@@ -43,6 +43,14 @@ from lightning_modules.memory import (
     release_freed_cpu_memory,
     to_memory_format,
 )
+from lightning_modules.new_tokens import (
+    NewTokenEmbedding,
+    add_new_tokens,
+    check_new_tokens,
+    embedding_file_state,
+    expand_identifier,
+    load_embedding_file,
+)
 from lightning_modules.numerics import NanPolicy, NonFiniteLossError, check_finite_weights, non_finite_loss_message
 from lightning_modules.optim import (
     OptimizerName,
@@ -182,6 +190,13 @@ class DreamBoothModule(pl.LightningModule):
             ``--model.pretrained_model_name_or_path <export>/pipeline``.)
         controlnet: A ControlNet that ``predict`` renders with (a hub id such as ``lllyasviel/sd-controlnet-openpose``,
             a local folder, or ``builtin:tiny-controlnet``), conditioned on ``data.control_image``.
+        new_tokens: Pivotal tuning: new tokens (e.g. ``["<s0>", "<s1>"]``) added to the tokenizer, their embeddings
+            trained beside the LoRA; each prompt's ``identifier`` word becomes them before the text encoder reads it.
+            Linked from ``data.new_tokens``; null is off.
+        new_token_init: A word whose embedding starts each new token's (e.g. the class noun); null: random, with the
+            embedding table's mean and spread.
+        new_token_lr: Learning rate of the new tokens' embeddings (textual inversion's usual 5e-4).
+        identifier: The subject's identifier word in prompts; linked from ``data.identifier``.
         nan_policy: What a NaN or infinite loss does: ``stop`` raises an error naming the step (the weights are left
             as they were before it), ``skip`` skips that optimizer step with a warning. Unlike the other model
             options, the value given when resuming with ``--ckpt_path`` applies (the others come from the checkpoint).
@@ -227,6 +242,10 @@ class DreamBoothModule(pl.LightningModule):
         nan_policy: NanPolicy = "stop",
         lora_weights: str | None = None,
         controlnet: str | None = None,
+        new_tokens: list[str] | None = None,
+        new_token_init: str | None = None,
+        new_token_lr: float = 5e-4,
+        identifier: str = "sks",
     ) -> None:
         super().__init__()
         if use_lora:  # fail at config time, before any weight loads
@@ -249,6 +268,14 @@ class DreamBoothModule(pl.LightningModule):
             raise ConfigError(f"model.nan_policy must be 'stop' or 'skip', got {nan_policy!r}.")
         if lora_weights:
             resolve_lora_file(lora_weights)  # a missing export fails here, before any weight loads
+        check_new_tokens(new_tokens)
+        if new_tokens and not (use_lora or lora_weights):
+            raise ConfigError(
+                "data.new_tokens (pivotal tuning) trains the new tokens' embeddings beside LoRA adapters: set "
+                "model.use_lora true (full fine-tuning with new tokens is not supported)."
+            )
+        if new_token_lr <= 0:
+            raise ConfigError(f"model.new_token_lr must be positive, got {new_token_lr}.")
         # Not a saved hyperparameter: LightningCLI restores those from a checkpoint on resume, and this one must be
         # changeable then (a run stopped by a NaN resumes with nan_policy=skip).
         self.save_hyperparameters(ignore=["nan_policy"])
@@ -282,7 +309,7 @@ class DreamBoothModule(pl.LightningModule):
             hp.variant,
             hp.single_file_config,
             with_vae=False,
-            with_text_encoder=hp.train_text_encoder or bool(hp.lora_weights),
+            with_text_encoder=self._text_encoder_held,
         )
         if parts.text_encoder is not None:
             parts.text_encoder.requires_grad_(False)
@@ -297,6 +324,10 @@ class DreamBoothModule(pl.LightningModule):
             parts.unet.requires_grad_(True)
             if hp.train_text_encoder:
                 parts.text_encoder.requires_grad_(True)
+        if hp.get("new_tokens"):  # pivotal tuning: the new tokens' rows train (from an export: rendering)
+            emb = add_new_tokens(parts.tokenizer, parts.text_encoder, hp.new_tokens, hp.new_token_init)
+            if hp.lora_weights:
+                load_embedding_file(emb, resolve_lora_file(hp.lora_weights).parent)
         if hp.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
             if hp.train_text_encoder:
@@ -312,6 +343,34 @@ class DreamBoothModule(pl.LightningModule):
         if hp.get("ema_decay") and not hp.lora_weights:
             trained = {name: p for name, p in self.named_parameters() if p.requires_grad}
             self.ema = TrainedWeightsEMA(trained, hp.ema_decay)
+
+    @property
+    def _text_encoder_held(self) -> bool:
+        """Whether the text encoder is loaded with the model and kept: it trains (fully, with LoRA, or its new tokens'
+        rows), or an export's adapters or new tokens are in it."""
+        hp = self.hparams
+        return bool(hp.train_text_encoder or hp.lora_weights or hp.get("new_tokens"))
+
+    @property
+    def _text_encoder_trains(self) -> bool:
+        return bool(
+            self.hparams.train_text_encoder or (self.hparams.get("new_tokens") and not self.hparams.lora_weights)
+        )
+
+    def new_token_embedding(self) -> NewTokenEmbedding | None:
+        """The text encoder's token embedding with the new tokens' rows (data.new_tokens), or None."""
+        emb = self.text_encoder.get_input_embeddings() if self.text_encoder is not None else None
+        return emb if isinstance(emb, NewTokenEmbedding) else None
+
+    def new_token_state(self) -> dict[str, torch.Tensor] | None:
+        """The export's embedding file (``emb_params``), or None without new tokens."""
+        emb = self.new_token_embedding()
+        return embedding_file_state(emb) if emb is not None else None
+
+    def text_for_encoder(self, prompts: list[str]) -> list[str]:
+        """Prompts as the text encoder reads them: the identifier word becomes the new tokens (data.new_tokens)."""
+        hp = self.hparams
+        return [expand_identifier(p, hp.get("identifier", "sks"), hp.get("new_tokens")) for p in prompts]
 
     def averaged_weights(self):
         """A context in which the trained weights are their EMA (model.ema_decay), or unchanged when it is off."""
@@ -353,7 +412,7 @@ class DreamBoothModule(pl.LightningModule):
     def release_frozen(self) -> None:
         """Free the training device of the frozen VAE and text encoder: moved to the CPU (for a quick reuse by
         :meth:`frozen`) when training on an accelerator, dropped when training on the CPU."""
-        names = ["vae"] + ([] if self.hparams.train_text_encoder else ["text_encoder"])
+        names = ["vae"] + ([] if self._text_encoder_held else ["text_encoder"])
         for name in names:
             module = getattr(self, name)
             if module is None:
@@ -446,7 +505,7 @@ class DreamBoothModule(pl.LightningModule):
 
     def _text_context(self, batch: DreamBoothBatch) -> torch.Tensor:
         """(B, 77, D) text embeddings: cached ones, or the text encoder's (with grad when it trains)."""
-        train_te = self.hparams.train_text_encoder
+        train_te = self._text_encoder_trains
         if "prompt_embeds" in batch:
             if train_te:
                 raise ConfigError(
@@ -456,11 +515,15 @@ class DreamBoothModule(pl.LightningModule):
             return batch["prompt_embeds"]
         text_encoder = self.text_encoder if train_te else self.frozen("text_encoder")
         with torch.set_grad_enabled(train_te):
-            return encode_text(text_encoder, tokenize(self.parts.tokenizer, batch["prompts"]))
+            return encode_text(text_encoder, tokenize(self.parts.tokenizer, self.text_for_encoder(batch["prompts"])))
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = param_groups(self.unet, self.text_encoder, hp.learning_rate, hp.text_encoder_lr)
+        emb = self.new_token_embedding()
+        new_rows = emb.new if emb is not None and emb.new.requires_grad else None
+        groups = param_groups(
+            self.unet, self.text_encoder, hp.learning_rate, hp.text_encoder_lr, new_rows, hp.new_token_lr
+        )
         betas = (hp.adam_beta1, hp.adam_beta2)
         if hp.fused_backward:
             t = self.trainer
@@ -556,7 +619,8 @@ class DreamBoothModule(pl.LightningModule):
         prompts = [p for p in batch["prompts"] for _ in range(n)]  # (P * n,)
         seeds = [image_seed(int(ps), j) for ps in batch["prompt_seed"] for j in range(n)]
         height, width = self.render_size()
-        images = render(self._pipe, prompts, seeds, self.sampling, height, width, control_image)  # (P*n, 3, H, W)
+        text = self.text_for_encoder(prompts)  # the identifier as the new tokens, if any
+        images = render(self._pipe, text, seeds, self.sampling, height, width, control_image)  # (P*n, 3, H, W)
         return {
             "images": images.cpu(),
             "prompts": prompts,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_modules.errors import InputNotFoundError
@@ -34,6 +35,7 @@ from lightning_modules.lora_formats import (
     save_kohya_lora,
     with_text_model_prefix,
 )
+from lightning_modules.new_tokens import EMBEDDING_KEY, EMBEDDINGS_NAME
 from lightning_modules.safe_files import atomic_directory
 from lightning_modules.sd_loading import load_pipeline
 from lightning_modules.single_file import save_single_file
@@ -61,8 +63,12 @@ def export_lora(
     revision: str | None = None,
     variant: str | None = None,
     single_file_config: str | None = None,
+    embeddings: dict[str, torch.Tensor] | None = None,
+    new_tokens: list[str] | None = None,
 ) -> Path:
-    """Write the UNet (and text-encoder, when it has one) LoRA adapters as a diffusers and a kohya LoRA file.
+    """Write the UNet (and text-encoder, when it has one) LoRA adapters as a diffusers and a kohya LoRA file, and the
+    new tokens' embeddings (pivotal tuning, ``embeddings``: :func:`lightning_modules.new_tokens.embedding_file_state`)
+    as ``embeddings.safetensors``, its tokens (``new_tokens``) recorded in ``export_info.json``.
 
     ``text_encoder`` may be None (a frozen text encoder that was never loaded: cached text embeddings).
 
@@ -84,7 +90,10 @@ def export_lora(
         )
         save_kohya_lora(unet, text_encoder if te else None, tmp / KOHYA_WEIGHT_NAME, base_model)
         files = [LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME]
-        _write_info(tmp, "lora", files, base_model, revision, variant, single_file_config)
+        if embeddings is not None:
+            save_file(embeddings, str(tmp / EMBEDDINGS_NAME))
+            files.append(EMBEDDINGS_NAME)
+        _write_info(tmp, "lora", files, base_model, revision, variant, single_file_config, new_tokens)
     return Path(out_dir) / LORA_WEIGHT_NAME
 
 
@@ -152,7 +161,11 @@ def load_export(export_dir: str | Path, torch_dtype: torch.dtype = torch.float32
     pipe = load_pipeline(
         base, info.get("revision"), info.get("variant"), torch_dtype, single_file_config=info.get("single_file_config")
     )
-    return load_lora_into_pipeline(pipe, folder / LORA_WEIGHT_NAME)
+    pipe = load_lora_into_pipeline(pipe, folder / LORA_WEIGHT_NAME)
+    if info.get("new_tokens"):  # pivotal tuning: the new tokens, through diffusers' textual-inversion loader
+        vectors = load_file(str(folder / EMBEDDINGS_NAME))[EMBEDDING_KEY]  # (k, D)
+        pipe.load_textual_inversion(list(vectors), token=info["new_tokens"])
+    return pipe
 
 
 def _write_info(
@@ -163,7 +176,10 @@ def _write_info(
     revision: str | None = None,
     variant: str | None = None,
     single_file_config: str | None = None,
+    new_tokens: list[str] | None = None,
 ) -> None:
     info = {"kind": kind, "base_model": base_model, "revision": revision, "variant": variant}
     info |= {"single_file_config": single_file_config, "files": files}
+    if new_tokens:
+        info["new_tokens"] = new_tokens
     (folder / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
