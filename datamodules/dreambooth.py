@@ -11,6 +11,8 @@ import lightning.pytorch as pl
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.bucket_dataset import WithGeometry, bucketed_dataset, cached_bucket_dataset
+from datamodules.buckets import assign_buckets, check_bucket_options, resolve_step
 from datamodules.cached_dataset import CachedLatentDataset, WithTextEmbeddings, collate_latents
 from datamodules.caches import latent_cache, text_embedding_cache
 from datamodules.captions import (
@@ -35,7 +37,7 @@ from datamodules.masks import check_masks
 from datamodules.predict import collate_predict, load_control_image, read_prompts_file
 from datamodules.prompt_checks import missing_identifier_message
 from datamodules.prompts import resolve_templates
-from datamodules.resumable import resumable_train_loader
+from datamodules.resumable import resumable_bucket_loader, resumable_train_loader
 from datamodules.validation import ValidationPromptDataset, collate_prompts, prompt_loader
 from lightning_modules.errors import ConfigError, InputNotFoundError
 
@@ -142,6 +144,18 @@ class DreamBoothDataModule(pl.LightningDataModule):
         alpha_mask: A photo without a ``photo_mask.png`` beside it uses its own alpha channel (if it has one) as its
             loss mask. Masks weigh each instance row's loss per pixel (white: trained on, black: ignored), reduced to
             the latent grid; class rows are never masked. Photos with no mask at all leave training as it was.
+        buckets: Aspect-ratio buckets: each photo trains at the size nearest its aspect ratio among sizes of about
+            ``resolution`` squared pixels (sides multiples of ``bucket_step``), resized to cover it and cropped (center
+            or random, as ``center_crop`` says) instead of cropped to the square; every batch comes from one bucket
+            (class rows too); latents are cached per bucket. Each row's original size and crop are in the batch
+            (``original_sizes``, ``crop_top_lefts``). Off: training is what it was.
+        bucket_step: With ``buckets``, the side step of the buckets in pixels (a divisor of ``resolution``); null: what
+            the model needs, its VAE's downscale times its UNet's (64 for Stable Diffusion 1.x / 2.x, 8 for the toy
+            model). A value the model cannot take fails.
+        bucket_max_ratio: With ``buckets``, the widest aspect ratio of a bucket (either way): 2.0 gives buckets from
+            1:2 to 2:1.
+        bucket_no_upscale: With ``buckets``, a photo smaller than ``resolution`` squared is not enlarged: it trains at
+            its own size rounded down to ``bucket_step`` (a bucket of its own).
         cache_dir: Folder of the latent and text-embedding caches; defaults to ``$DREAMBOOTH_CACHE/data``
             (``~/.cache/dreambooth_lightning/data``). A cache is keyed by everything its content depends on (image
             bytes, resolution, crop, flip, base model, revision, variant, VAE / text encoder), so a change
@@ -192,6 +206,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
         shuffle_tags: bool = False,
         keep_tags: int = 0,
         alpha_mask: bool = False,
+        buckets: bool = False,
+        bucket_step: int | None = None,
+        bucket_max_ratio: float = 2.0,
+        bucket_no_upscale: bool = False,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -235,6 +253,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
                     "data.class_images_batch_size (or auto) and data.class_images_inference_steps must be positive."
                 )
         check_caption_options(caption_dropout, keep_tags)
+        if buckets:
+            check_bucket_options(resolution, bucket_step, bucket_max_ratio)
         if class_prompt and (message := missing_identifier_message(instance_prompt, class_prompt)):
             log.warning(message)
         self.save_hyperparameters()
@@ -261,6 +281,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
         if stage == "fit":  # bad captions and masks fail here, before class images are made
             self._instance_captions(images, warn=True)
             self._has_masks(images, announce=True)
+            if hp.buckets:  # a photo left with no bucket fails here
+                self._photo_buckets(images, announce=True)
         if stage == "fit" and not self._distributed():  # under DDP setup() does this, shared by all the ranks
             self._make_class_images(rank=0, world_size=1)
             self._build_caches()
@@ -391,6 +413,22 @@ class DreamBoothDataModule(pl.LightningDataModule):
             log.info("data.instance_data_dir: %d of %d photos have a loss mask.", found, len(images))
         return found > 0
 
+    def _photo_buckets(self, images: list[Path], announce: bool = False) -> list[tuple[int, int]]:
+        """Each photo's bucket (height, width), with ``data.buckets``."""
+        from lightning_modules.sd_loading import check_model_path
+
+        hp = self.hparams
+        step = resolve_step(hp.bucket_step, check_model_path(hp.pretrained_model_name_or_path), hp.resolution)
+        sizes = [(h, w) for w, h in check_images(images, "data.instance_data_dir")]
+        found = assign_buckets(
+            sizes, images, hp.resolution, step, hp.bucket_max_ratio, hp.bucket_no_upscale, "data.instance_data_dir"
+        )
+        if announce:
+            counts = {b: found.count(b) for b in sorted(set(found))}
+            shown = ", ".join(f"{w}x{h} ({n})" for (h, w), n in counts.items())
+            log.info("data.buckets: %d photos in %d buckets (width x height): %s.", len(found), len(counts), shown)
+        return found
+
     def _build_train_dataset(self) -> DreamBoothDataset:
         hp = self.hparams
         prior = hp.with_prior_preservation
@@ -423,7 +461,21 @@ class DreamBoothDataModule(pl.LightningDataModule):
         data, collate = dataset, collate_dreambooth
         if hp.cache_latents and not hp.center_crop and announce:
             log.info("data.center_crop is false: random crops change the pixels, so latents are encoded every step.")
-        if hp.cache_latents and hp.center_crop:
+        if hp.buckets:  # each photo at its bucket; latents cached per bucket
+            data = bucketed_dataset(
+                dataset, self._photo_buckets(dataset.instance_images), hp.center_crop, hp.random_flip
+            )
+            if hp.cache_latents and hp.center_crop:
+                data = cached_bucket_dataset(
+                    data,
+                    lambda paths, bucket: latent_cache(
+                        paths, hp.resolution, hp.random_flip, *model, cache_dir=hp.cache_dir, single_file_config=sfc,
+                        bucket=bucket,
+                    ),
+                )  # fmt: skip
+                collate = collate_latents
+            collate = WithGeometry(collate)
+        elif hp.cache_latents and hp.center_crop:
             images = dataset.instance_images + (dataset.class_images or [])
             table = latent_cache(
                 images, hp.resolution, hp.random_flip, *model, cache_dir=hp.cache_dir, single_file_config=sfc
@@ -441,6 +493,18 @@ class DreamBoothDataModule(pl.LightningDataModule):
         if self.train_dataset is None:
             raise RuntimeError("DreamBoothDataModule.train_dataloader() needs setup('fit') first.")
         trainer = self.trainer  # None outside a Trainer
+        if self.hparams.buckets:  # every batch from one bucket: see datamodules/resumable.py
+            return resumable_bucket_loader(
+                self.train_dataset,
+                self.train_dataset.bucket_ids,
+                batch_size=self.hparams.batch_size,
+                seed=self.hparams.seed,
+                num_replicas=trainer.world_size if trainer is not None else 1,
+                rank=trainer.global_rank if trainer is not None else 0,
+                collate_fn=self._collate,
+                num_workers=self.hparams.num_workers,
+                epoch=trainer.current_epoch if trainer is not None else 0,
+            )
         return resumable_train_loader(  # order = f(seed, epoch), resumable mid-epoch: see datamodules/resumable.py
             self.train_dataset,
             batch_size=self.hparams.batch_size,

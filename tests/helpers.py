@@ -98,3 +98,20 @@ class RecordPrompts(pl.Callback):
         weight = batch.get("loss_weight")
         self.loss_weights.append(None if weight is None else weight.detach().cpu().clone())
         self.is_prior.append(batch["is_prior"].detach().cpu().clone())
+
+
+class RecordGeometry(pl.Callback):
+    """Each training batch's image shape (pixels or latents), ``original_sizes`` and ``crop_top_lefts`` (or None)."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+        self.original_sizes: list = []
+        self.crop_top_lefts: list = []
+        self.is_prior: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.shapes.append(tuple(batch["latent_mean" if "latent_mean" in batch else "pixel_values"].shape))
+        for name in ("original_sizes", "crop_top_lefts"):
+            value = batch.get(name)
+            getattr(self, name).append(None if value is None else value.detach().cpu().clone())
+        self.is_prior.append(batch["is_prior"].detach().cpu().clone())
