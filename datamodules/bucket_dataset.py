@@ -158,6 +158,10 @@ class CachedBucketDataset(Dataset):
         return mask_tensor(apply_crop(mask, crop)) if mask is not None else torch.ones(1, *bucket)
 
     @property
+    def buckets(self) -> list[Size]:
+        return self.dataset.buckets
+
+    @property
     def bucket_ids(self) -> list[int]:
         return self.dataset.bucket_ids
 
