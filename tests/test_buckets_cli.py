@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -199,3 +200,33 @@ def test_bad_bucket_settings_fail_early_naming_the_option(run_args, tmp_path, mo
     _refuse_models(monkeypatch)
     with pytest.raises(ConfigError, match=match):
         cli_main(run_args(*QUIET, f"--data.instance_data_dir={photos}", "--data.buckets=true", *options, steps=1))
+
+
+class RecordBatchKeys(RecordGeometry):
+    """Prints each training batch's rank, shape and original sizes (read from a subprocess's output)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        image = batch["latent_mean" if "latent_mean" in batch else "pixel_values"]
+        print(f"BATCH rank={trainer.global_rank} shape={tuple(image.shape)} sizes={batch['original_sizes'].tolist()}")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_fit_with_buckets(run_args, tmp_path):
+    """Two ranks (gloo): Lightning keeps the bucket sampler (no sampler of its own), each rank takes whole batches of
+    one bucket, and the ranks' batches differ."""
+    import subprocess
+    import sys
+
+    photos = _draw(tmp_path / "photos", [WIDE, WIDE, TALL, SQUARE])
+    args = run_args(
+        f"--data.instance_data_dir={photos}", "--data.buckets=true", "--trainer.num_sanity_val_steps=0",
+        "--trainer.limit_val_batches=0", "--metrics.enabled=false",
+        "--trainer.callbacks+=tests.test_buckets_cli.RecordBatchKeys", steps=2,
+    )  # fmt: skip
+    cmd = [sys.executable, "train.py", *args, "--trainer.strategy=ddp", "--trainer.devices=2"]
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stderr[-4000:]
+    batches = re.findall(r"BATCH rank=(\d) shape=(\([^)]*\))", result.stdout)  # the ranks' lines may interleave
+    assert len(batches) == 4 and {rank for rank, _ in batches} == {"0", "1"}
+    assert [b for b in batches if b[0] == "0"] != [b for b in batches if b[0] == "1"]
