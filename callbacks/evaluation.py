@@ -81,7 +81,8 @@ class DreamBenchEvaluation(pl.Callback):
         self.scorers = []
         for subject in datamodule.test_subjects:
             references = [pil_to_tensor(load_image(p)).float() / 255 for p in list_images(subject.image_dir)]
-            scorer = SubjectScorer(dino, clip, references, datamodule.hparams.identifier, pres, self.div_distance)
+            identifier = subject.identifier or datamodule.hparams.identifier
+            scorer = SubjectScorer(dino, clip, references, identifier, pres, self.div_distance)
             self.scorers.append(scorer.to(pl_module.device))
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,5 +1,6 @@
 """Subject-fidelity and prompt-fidelity metrics of the validation renders: ``val/dino``, ``val/clip_i``,
-``val/clip_t`` and, optionally, ``val/pres`` and ``val/div``."""
+``val/clip_t`` and, optionally, ``val/pres`` and ``val/div``; with several concepts (``data.concepts``) each concept's
+as ``val/dino/<concept>`` (and so on), scored against its own photos, and their mean as ``val/dino``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from datamodules.images import load_image
 from metrics import load_clip, load_dino
-from metrics.dreambench import SubjectScorer
+from metrics.dreambench import SubjectScorer, mean_over_subjects
 
 
 class SubjectMetrics(pl.Callback):
@@ -49,39 +50,74 @@ class SubjectMetrics(pl.Callback):
         self.enabled = enabled
         self.dino_model, self.clip_model, self.clip_pretrained = dino_model, clip_model, clip_pretrained
         self.pres, self.div, self.div_distance = pres, div, div_distance
-        self.scorer: SubjectScorer | None = None  # built in setup
+        self.scorers: dict[str, SubjectScorer] = {}  # per concept (one without data.concepts), built in setup
+        self.concept_of: list[int] = []  # each validation prompt's concept, by prompt index
         self.history: dict[int, dict[str, float]] = {}  # step -> the synchronized val/* of that validation
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self.enabled or self.scorer is not None or stage not in ("fit", "validate"):
+        if not self.enabled or self.scorers or stage not in ("fit", "validate"):
             return
         datamodule = trainer.datamodule
-        references = [pil_to_tensor(load_image(p)).float() / 255 for p in datamodule.reference_images()]
-        self.scorer = SubjectScorer(
-            load_dino(self.dino_model),
-            load_clip(self.clip_model, self.clip_pretrained),
-            references,
-            datamodule.hparams.identifier,
-            pres=self.pres and bool(datamodule.hparams.pres_prompt),
-            div=self.div_distance if self.div else None,
-        ).to(pl_module.device)
+        dino, clip = load_dino(self.dino_model), load_clip(self.clip_model, self.clip_pretrained)
+        concepts = getattr(datamodule, "concepts", None)
+        references = datamodule.concept_references() if concepts else {"": datamodule.reference_images()}
+        identifiers = [c.identifier for c in concepts] if concepts else [datamodule.hparams.identifier]
+        for (name, paths), identifier in zip(references.items(), identifiers, strict=True):
+            images = [pil_to_tensor(load_image(p)).float() / 255 for p in paths]
+            pres = self.pres and bool(datamodule.hparams.pres_prompt)
+            div = self.div_distance if self.div else None
+            self.scorers[name] = SubjectScorer(dino, clip, images, identifier, pres=pres, div=div).to(pl_module.device)
+        if len(self.scorers) == 1:  # the plain options, or one concept: the metrics' names as they always were
+            self.scorers = {"": next(iter(self.scorers.values()))}
+        self.concept_of = list(getattr(datamodule.val_dataset, "concept_of", []) or [])
+
+    @property
+    def scorer(self) -> SubjectScorer | None:
+        """The scorer of a run of one subject (None with several)."""
+        return self.scorers.get("")
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.scorer is not None:
-            self.scorer.reset()
+        for scorer in self.scorers.values():
+            scorer.reset()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self.scorer is None or not outputs:
+        if not self.scorers or not outputs:
             return
-        scores = self.scorer.update(
-            outputs["images"], outputs["prompts"], outputs["prompt_index"], outputs["is_class_prompt"]
-        )
+        if len(self.scorers) == 1:
+            scores = self.scorer.update(
+                outputs["images"], outputs["prompts"], outputs["prompt_index"], outputs["is_class_prompt"]
+            )
+        else:
+            scores = self._update_concepts(outputs)
         outputs["scores"] = scores  # per image (PRES for the class prompt's): the grid's captions and W&B table
 
+    def _update_concepts(self, outputs: dict) -> dict[str, torch.Tensor]:
+        """Each render scored by its own concept's scorer (against that concept's photos); per-image scores in order."""
+        concept = torch.tensor([self.concept_of[int(i)] for i in outputs["prompt_index"]])  # (N,)
+        scores: dict[str, torch.Tensor] = {}
+        for k, scorer in enumerate(self.scorers.values()):
+            rows = (concept == k).nonzero().flatten().tolist()
+            if not rows:
+                continue
+            part = scorer.update(
+                outputs["images"][rows],
+                [outputs["prompts"][r] for r in rows],
+                [outputs["prompt_index"][r] for r in rows],
+                [outputs["is_class_prompt"][r] for r in rows],
+            )
+            for name, values in part.items():
+                scores.setdefault(name, torch.full((len(concept),), float("nan")))[rows] = values
+        return scores
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.scorer is None:
+        if not self.scorers:
             return
-        computed = self.scorer.compute()  # synchronized: every rank gets the same values
+        per_concept = {name: scorer.compute() for name, scorer in self.scorers.items()}  # synchronized: every rank
+        if len(per_concept) == 1:
+            computed = per_concept[""]
+        else:  # the mean over concepts, and each concept's
+            computed = mean_over_subjects(per_concept)
+            computed |= {f"{metric}/{name}": v for name, values in per_concept.items() for metric, v in values.items()}
         self.history[trainer.global_step] = computed
         values = {f"val/{name}": torch.tensor(v) for name, v in computed.items()}
         # Logged directly at the optimizer step the renders were made after (0 = the base model, before training),

@@ -32,3 +32,6 @@ class DreamBoothBatch(_RequiredFields, total=False):
     loss_weight: Tensor  # (B, 1, H, W) float32 in [0, 1], only with loss masks: each pixel's weight in the row's loss
     # (instance rows: the photo's mask, cropped and flipped as the photo; class rows: ones), reduced to the latent grid
     # by the loss
+    original_sizes: Tensor  # (B, 2) long, with aspect-ratio buckets: each row's photo (height, width) as read
+    crop_top_lefts: Tensor  # (B, 2) long, with aspect-ratio buckets: (top, left) of the row's crop in the resized photo
+    # (in the flipped image when flipped); SDXL's added conditioning reads both

@@ -153,12 +153,24 @@ def _release_memory() -> None:
 
 @torch.no_grad()
 def encode_latent_table(
-    vae, images: Sequence[str | Path], resolution: int, random_flip: bool, batch_size: int = ENCODE_BATCH_SIZE
+    vae,
+    images: Sequence[str | Path],
+    resolution: int,
+    random_flip: bool,
+    batch_size: int = ENCODE_BATCH_SIZE,
+    bucket: tuple[int, int] | None = None,
 ) -> LatentTable:
-    """Encode each image (center crop, as training sees it) and, with ``random_flip``, its mirror image."""
+    """Encode each image (center crop, as training sees it: the square, or ``bucket``'s (height, width) with
+    aspect-ratio buckets) and, with ``random_flip``, its mirror image."""
     from datamodules.datasets import image_transform
 
     transform = image_transform(resolution, center_crop=True, random_flip=False)
+    if bucket is not None:
+        from functools import partial
+
+        from datamodules.buckets import bucket_pixels
+
+        transform = partial(bucket_pixels, bucket=bucket)
     sf = vae.config.scaling_factor
     means, stds = [], []
     for start in range(0, len(images), batch_size):
@@ -180,8 +192,10 @@ def latent_cache(
     cache_dir: str | Path | None = None,
     device: str | None = None,
     single_file_config: str | None = None,
+    bucket: tuple[int, int] | None = None,
 ) -> LatentTable:
-    """The latent distributions of ``images`` (in order), from the cache or encoded now and cached.
+    """The latent distributions of ``images`` (in order), from the cache or encoded now and cached; with ``bucket``
+    (height, width), each image resized to cover it and center-cropped to it (aspect-ratio buckets).
 
     Only a miss loads the VAE (float32, on ``device``: CUDA when available); it is freed before returning.
     """
@@ -195,6 +209,8 @@ def latent_cache(
         "random_flip": random_flip,
         "vae": part_fingerprint(pretrained_model_name_or_path, "vae", revision, variant, single_file_config),
     }
+    if bucket is not None:  # only then: the square cache's key stays what it was
+        description["bucket"] = list(bucket)
     key = cache_key(description)
     cached = load_cache(cache_dir, "latents", key)
     if cached is not None:
@@ -208,7 +224,7 @@ def latent_cache(
         .to(_pick_device(device))
         .eval()
     )
-    table = encode_latent_table(vae, images, resolution, random_flip)
+    table = encode_latent_table(vae, images, resolution, random_flip, bucket=bucket)
     del vae
     _release_memory()
     description["image_paths"] = [str(p) for p in images]  # for people reading the sidecar; not part of the key

@@ -11,6 +11,8 @@ import lightning.pytorch as pl
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.bucket_dataset import WithGeometry, bucketed_dataset, cached_bucket_dataset
+from datamodules.buckets import assign_buckets, check_bucket_options, resolve_step
 from datamodules.cached_dataset import CachedLatentDataset, WithTextEmbeddings, collate_latents
 from datamodules.caches import latent_cache, text_embedding_cache
 from datamodules.captions import (
@@ -21,6 +23,7 @@ from datamodules.captions import (
     uses_class_noun,
 )
 from datamodules.class_images import generate_class_images
+from datamodules.concepts import Concept, ConceptsDataset, ResolvedConcept, as_dicts, resolve_concepts
 from datamodules.datasets import DreamBoothDataset, collate_dreambooth
 from datamodules.evaluation import (
     DREAMBENCH,
@@ -35,7 +38,7 @@ from datamodules.masks import check_masks
 from datamodules.predict import collate_predict, load_control_image, read_prompts_file
 from datamodules.prompt_checks import missing_identifier_message
 from datamodules.prompts import resolve_templates
-from datamodules.resumable import resumable_train_loader
+from datamodules.resumable import resumable_bucket_loader, resumable_train_loader
 from datamodules.validation import ValidationPromptDataset, collate_prompts, prompt_loader
 from lightning_modules.errors import ConfigError, InputNotFoundError
 
@@ -146,6 +149,24 @@ class DreamBoothDataModule(pl.LightningDataModule):
         alpha_mask: A photo without a ``photo_mask.png`` beside it uses its own alpha channel (if it has one) as its
             loss mask. Masks weigh each instance row's loss per pixel (white: trained on, black: ignored), reduced to
             the latent grid; class rows are never masked. Photos with no mask at all leave training as it was.
+        concepts: Several subjects in one run: a list of concepts, each with its ``instance_data_dir``,
+            ``instance_prompt``, and optionally ``name``, ``identifier``, ``class_noun``, ``class_data_dir``,
+            ``class_prompt``, ``num_class_images`` (defaults: the plain options) and ``repeats`` (how often its photos
+            appear per epoch). Validation scores each (``val/dino/<name>``; ``val/dino`` is the mean), ``test``
+            evaluates each against its own photos. Null: the plain options are the one subject (then leave
+            ``instance_data_dir`` and ``instance_prompt`` null here).
+        buckets: Aspect-ratio buckets: each photo trains at the size nearest its aspect ratio among sizes of about
+            ``resolution`` squared pixels (sides multiples of ``bucket_step``), resized to cover it and cropped (center
+            or random, as ``center_crop`` says) instead of cropped to the square; every batch comes from one bucket
+            (class rows too); latents are cached per bucket. Each row's original size and crop are in the batch
+            (``original_sizes``, ``crop_top_lefts``). Off: training is what it was.
+        bucket_step: With ``buckets``, the side step of the buckets in pixels (a divisor of ``resolution``); null: what
+            the model needs, its VAE's downscale times its UNet's (64 for Stable Diffusion 1.x / 2.x, 8 for the toy
+            model). A value the model cannot take fails.
+        bucket_max_ratio: With ``buckets``, the widest aspect ratio of a bucket (either way): 2.0 gives buckets from
+            1:2 to 2:1.
+        bucket_no_upscale: With ``buckets``, a photo smaller than ``resolution`` squared is not enlarged: it trains at
+            its own size rounded down to ``bucket_step`` (a bucket of its own).
         cache_dir: Folder of the latent and text-embedding caches; defaults to ``$DREAMBOOTH_CACHE/data``
             (``~/.cache/dreambooth_lightning/data``). A cache is keyed by everything its content depends on (image
             bytes, resolution, crop, flip, base model, revision, variant, VAE / text encoder), so a change
@@ -154,8 +175,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        instance_data_dir: str,
-        instance_prompt: str,
+        instance_data_dir: str | None = None,
+        instance_prompt: str | None = None,
         class_data_dir: str | None = None,
         class_prompt: str | None = None,
         with_prior_preservation: bool = True,
@@ -197,6 +218,11 @@ class DreamBoothDataModule(pl.LightningDataModule):
         shuffle_tags: bool = False,
         keep_tags: int = 0,
         alpha_mask: bool = False,
+        concepts: list[Concept] | None = None,
+        buckets: bool = False,
+        bucket_step: int | None = None,
+        bucket_max_ratio: float = 2.0,
+        bucket_no_upscale: bool = False,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -209,7 +235,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             resolve_templates(eval_prompts, "data.eval_prompts")
         if eval_num_images <= 0 or (eval_num_prompts is not None and eval_num_prompts <= 0):
             raise ConfigError("data.eval_num_images and data.eval_num_prompts must be positive.")
-        if not instance_prompt.strip():
+        if concepts is None and instance_prompt is not None and not instance_prompt.strip():
             raise ConfigError("data.instance_prompt is empty: give the subject's caption, e.g. 'a photo of sks dog'.")
         if resolution <= 0 or resolution % 8:
             raise ConfigError(
@@ -219,7 +245,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.batch_size must be positive, got {batch_size}.")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
-        if with_prior_preservation:
+        if with_prior_preservation and concepts is None:
             if not class_prompt:
                 raise ConfigError(
                     "data.with_prior_preservation needs data.class_prompt (e.g. 'a photo of dog'), "
@@ -234,14 +260,28 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 raise ConfigError(
                     f"data.num_class_images must be positive with prior preservation, got {num_class_images}."
                 )
+        if with_prior_preservation:
             bad_batch = class_images_batch_size != "auto" and class_images_batch_size <= 0
             if bad_batch or class_images_inference_steps <= 0:
                 raise ConfigError(
                     "data.class_images_batch_size (or auto) and data.class_images_inference_steps must be positive."
                 )
         check_caption_options(caption_dropout, keep_tags)
-        if class_prompt and (message := missing_identifier_message(instance_prompt, class_prompt)):
-            log.warning(message)
+        if buckets:
+            check_bucket_options(resolution, bucket_step, bucket_max_ratio)
+        concepts = as_dicts(concepts)  # plain values in the hyperparameters and checkpoints
+        plain = dict(instance_data_dir=instance_data_dir, instance_prompt=instance_prompt, identifier=identifier,
+                     class_noun=class_noun, class_data_dir=class_data_dir, class_prompt=class_prompt,
+                     num_class_images=num_class_images)  # fmt: skip
+        self.concepts: list[ResolvedConcept] = resolve_concepts(concepts, plain, with_prior_preservation)
+        if new_tokens and (len(self.concepts) > 1 or self.concepts[0].identifier != identifier):
+            raise ConfigError(
+                "data.new_tokens (pivotal tuning) stands for data.identifier in a one-subject run; with data.concepts "
+                "it is not supported: give each concept its own rare identifier instead, or train one subject."
+            )
+        for c in self.concepts:
+            if c.class_prompt and (message := missing_identifier_message(c.instance_prompt, c.class_prompt)):
+                log.warning(message)
         self.save_hyperparameters()
         self.train_dataset: Dataset | None = None  # built in setup("fit"): images, or their cached latents
         self._collate = collate_dreambooth
@@ -262,10 +302,14 @@ class DreamBoothDataModule(pl.LightningDataModule):
         )  # a model of a family we train, from its configs
         if stage == "predict" or (stage == "test" and hp.eval_data_dir):
             return  # renders prompts, or evaluates other subjects: the run's images are not needed
-        images = check_image_folder(hp.instance_data_dir, "data.instance_data_dir", min_side=hp.resolution)
-        if stage == "fit":  # bad captions and masks fail here, before class images are made
-            self._instance_captions(images, warn=True)
-            self._has_masks(images, announce=True)
+        for c in self.concepts:
+            option = f"{c.option}.instance_data_dir"
+            images = check_image_folder(c.instance_data_dir, option, min_side=hp.resolution)
+            if stage == "fit":  # bad captions and masks fail here, before class images are made
+                self._instance_captions(c, images, warn=True)
+                self._has_masks(c, images, announce=True)
+                if hp.buckets:  # a photo left with no bucket fails here
+                    self._photo_buckets(c, images, announce=True)
         if stage == "fit" and not self._distributed():  # under DDP setup() does this, shared by all the ranks
             self._make_class_images(rank=0, world_size=1)
             self._build_caches()
@@ -274,27 +318,32 @@ class DreamBoothDataModule(pl.LightningDataModule):
         return self.trainer is not None and self.trainer.world_size > 1
 
     def _make_class_images(self, rank: int, world_size: int) -> None:
-        """Top the class folder up; with several ranks each makes its share of the missing images."""
+        """Top each class folder up; with several ranks each makes its share of the missing images."""
         hp = self.hparams
         if not hp.with_prior_preservation:
             return
-        Path(hp.class_data_dir).expanduser().mkdir(parents=True, exist_ok=True)
-        generate_class_images(
-            hp.pretrained_model_name_or_path,
-            hp.class_prompt,
-            hp.class_data_dir,
-            hp.num_class_images,
-            hp.resolution,
-            batch_size=hp.class_images_batch_size,
-            num_inference_steps=hp.class_images_inference_steps,
-            guidance_scale=hp.class_images_guidance_scale,
-            seed=hp.seed,
-            revision=hp.revision,
-            variant=hp.variant,
-            single_file_config=hp.single_file_config,
-            rank=rank,
-            world_size=world_size,
-        )
+        wanted: dict[tuple[str, str], int] = {}  # concepts that share a folder and prompt share its images
+        for c in self.concepts:
+            key = (c.class_data_dir, c.class_prompt)
+            wanted[key] = max(wanted.get(key, 0), c.num_class_images)
+        for (class_dir, class_prompt), count in wanted.items():
+            Path(class_dir).expanduser().mkdir(parents=True, exist_ok=True)
+            generate_class_images(
+                hp.pretrained_model_name_or_path,
+                class_prompt,
+                class_dir,
+                count,
+                hp.resolution,
+                batch_size=hp.class_images_batch_size,
+                num_inference_steps=hp.class_images_inference_steps,
+                guidance_scale=hp.class_images_guidance_scale,
+                seed=hp.seed,
+                revision=hp.revision,
+                variant=hp.variant,
+                single_file_config=hp.single_file_config,
+                rank=rank,
+                world_size=world_size,
+            )
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._distributed():
@@ -307,14 +356,16 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 self._build_caches()
             trainer.strategy.barrier("caches")
         if stage == "fit":
-            self.train_dataset, self._collate = self._with_cached_inputs(self._build_train_dataset(), announce=True)
+            self.train_dataset, self._collate = self._training_data(announce=True)
         if stage in ("fit", "validate"):
             hp = self.hparams
-            noun = validation_class_noun(
-                self.validation_templates, hp.pres_prompt, hp.identifier, hp.class_noun, hp.instance_prompt
-            )
-            self.val_dataset = ValidationPromptDataset(
-                self.validation_templates, hp.identifier, noun, hp.pres_prompt, hp.validation_seed
+            parts = [
+                (c.identifier, validation_class_noun(
+                    self.validation_templates, hp.pres_prompt, c.identifier, c.class_noun, c.instance_prompt
+                )) for c in self.concepts
+            ]  # fmt: skip
+            self.val_dataset = ValidationPromptDataset.of_concepts(
+                self.validation_templates, parts, hp.pres_prompt, hp.validation_seed
             )
         if stage == "predict":
             self.predict_dataset, self.control = self._build_predict_dataset()
@@ -330,122 +381,190 @@ class DreamBoothDataModule(pl.LightningDataModule):
             templates = resolve_templates(read_prompts_file(hp.predict_prompts_file), "data.predict_prompts_file")
         else:
             templates = hp.predict_prompts or self.validation_templates
-        noun = validation_class_noun(templates, None, hp.identifier, hp.class_noun, hp.instance_prompt)
+        c = self.concepts[0]  # with several concepts, the prompts name the first one
+        noun = validation_class_noun(templates, None, c.identifier, c.class_noun, c.instance_prompt)
         control = load_control_image(hp.control_image) if hp.control_image else None
-        return ValidationPromptDataset(templates, hp.identifier, noun, None, hp.predict_seed), control
+        return ValidationPromptDataset(templates, c.identifier, noun, None, hp.predict_seed), control
 
     def _eval_subjects(self) -> list[EvalSubject]:
-        """The subjects ``test`` evaluates: those of ``eval_data_dir``, or the run's own."""
+        """The subjects ``test`` evaluates: those of ``eval_data_dir``, or the run's own (each concept)."""
         hp = self.hparams
         if hp.eval_data_dir:
             return dreambench_subjects(hp.eval_data_dir, hp.eval_prompts, hp.eval_subjects, hp.eval_num_prompts)
-        noun = validation_class_noun([], None, hp.identifier, hp.class_noun, hp.instance_prompt)
-        if not noun:
-            raise ConfigError("test needs the subject's class noun: set data.class_noun (e.g. --data.class_noun dog).")
-        templates = subject_templates(noun, hp.eval_prompts, hp.eval_num_prompts)
-        folder = Path(hp.instance_data_dir).expanduser()
-        return [EvalSubject(folder.name, noun, folder, templates)]
+        subjects = []
+        for c in self.concepts:
+            noun = validation_class_noun([], None, c.identifier, c.class_noun, c.instance_prompt)
+            if not noun:
+                raise ConfigError(
+                    f"test needs the subject's class noun: set {c.option}.class_noun (e.g. --data.class_noun dog)."
+                )
+            templates = subject_templates(noun, hp.eval_prompts, hp.eval_num_prompts)
+            folder = Path(c.instance_data_dir).expanduser()
+            subjects.append(EvalSubject(c.name, noun, folder, templates, identifier=c.identifier))
+        return subjects
 
     def reference_images(self) -> list[Path]:
-        """The subject's real images, which validation renders are compared with (DINO, CLIP-I)."""
-        return check_image_folder(self.hparams.instance_data_dir, "data.instance_data_dir")
+        """The subjects' real images, which validation renders are compared with (DINO, CLIP-I): every concept's."""
+        return [p for images in self.concept_references().values() for p in images]
 
-    def _class_images(self) -> list[Path]:
+    def concept_references(self) -> dict[str, list[Path]]:
+        """Each concept's name -> its real images (validation scores each concept against its own)."""
+        return {
+            c.name: check_image_folder(c.instance_data_dir, f"{c.option}.instance_data_dir", warn=False)
+            for c in self.concepts
+        }
+
+    def _class_images(self, c: ResolvedConcept) -> list[Path]:
         """The first ``num_class_images`` class images (sorted by name), each checked to load."""
-        hp = self.hparams
-        folder = Path(hp.class_data_dir).expanduser()
+        folder = Path(c.class_data_dir).expanduser()
         found = list_images(folder) if folder.is_dir() else []
-        if len(found) < hp.num_class_images:
+        option = "data" if c.option == "data" else c.option
+        if len(found) < c.num_class_images:
             raise InputNotFoundError(
-                f"data.class_data_dir: {str(hp.class_data_dir)!r} holds {len(found)} images, fewer than "
-                f"data.num_class_images={hp.num_class_images}. They are generated in prepare_data(); run through "
-                "the Trainer (or call prepare_data() first), or lower data.num_class_images."
+                f"{option}.class_data_dir: {str(c.class_data_dir)!r} holds {len(found)} images, fewer than "
+                f"{option}.num_class_images={c.num_class_images}. They are generated in prepare_data(); run through "
+                f"the Trainer (or call prepare_data() first), or lower {option}.num_class_images."
             )
-        images = found[: hp.num_class_images]
-        check_images(images, "data.class_data_dir")
+        images = found[: c.num_class_images]
+        check_images(images, f"{option}.class_data_dir")
         return images
 
-    def _instance_captions(self, images: list[Path], warn: bool = False) -> list[str | None] | None:
+    def _instance_captions(self, c: ResolvedConcept, images: list[Path], warn: bool = False) -> list[str | None] | None:
         """Each photo's own caption with its placeholders filled (None where it has none), or None for no captions."""
         hp = self.hparams
         if not hp.captions:
             return None
-        raw = read_captions(hp.instance_data_dir, images, "data.instance_data_dir")
-        if all(c is None for c in raw):
+        option = f"{c.option}.instance_data_dir"
+        raw = read_captions(c.instance_data_dir, images, option)
+        if all(x is None for x in raw):
             return None
-        noun = hp.class_noun or ""
+        noun = c.class_noun or ""
         if uses_class_noun(raw):
-            noun = validation_class_noun(["{class_noun}"], None, hp.identifier, hp.class_noun, hp.instance_prompt)
-        captions = [None if c is None else fill_caption(c, hp.identifier, noun) for c in raw]
+            noun = validation_class_noun(["{class_noun}"], None, c.identifier, c.class_noun, c.instance_prompt)
+        captions = [None if x is None else fill_caption(x, c.identifier, noun) for x in raw]
         if warn:
-            log.info(
-                "data.instance_data_dir: %d of %d photos have their own caption.",
-                sum(c is not None for c in raw),
-                len(raw),
-            )
-            effective = [hp.instance_prompt if c is None else c for c in captions]
-            if message := identifier_nowhere_message(effective, hp.identifier, "data.instance_data_dir captions"):
+            log.info("%s: %d of %d photos have their own caption.", option, sum(x is not None for x in raw), len(raw))
+            effective = [c.instance_prompt if x is None else x for x in captions]
+            if message := identifier_nowhere_message(effective, c.identifier, f"{option} captions"):
                 log.warning(message)
         return captions
 
-    def _has_masks(self, images: list[Path], announce: bool = False) -> bool:
+    def _has_masks(self, c: ResolvedConcept, images: list[Path], announce: bool = False) -> bool:
         """Whether any photo has a loss mask (each is checked: readable, the photo's size, not all black)."""
-        sizes = check_images(images, "data.instance_data_dir")
+        option = f"{c.option}.instance_data_dir"
+        sizes = check_images(images, option)
         found = check_masks(images, sizes, self.hparams.alpha_mask)
         if announce and found:
-            log.info("data.instance_data_dir: %d of %d photos have a loss mask.", found, len(images))
+            log.info("%s: %d of %d photos have a loss mask.", option, found, len(images))
         return found > 0
 
-    def _build_train_dataset(self) -> DreamBoothDataset:
+    def _photo_buckets(self, c: ResolvedConcept, images: list[Path], announce: bool = False) -> list[tuple[int, int]]:
+        """Each photo's bucket (height, width), with ``data.buckets``."""
+        from lightning_modules.sd_loading import check_model_path
+
+        hp = self.hparams
+        option = f"{c.option}.instance_data_dir"
+        step = resolve_step(hp.bucket_step, check_model_path(hp.pretrained_model_name_or_path), hp.resolution)
+        sizes = [(h, w) for w, h in check_images(images, option)]
+        found = assign_buckets(sizes, images, hp.resolution, step, hp.bucket_max_ratio, hp.bucket_no_upscale, option)
+        if announce:
+            counts = {b: found.count(b) for b in sorted(set(found))}
+            shown = ", ".join(f"{w}x{h} ({n})" for (h, w), n in counts.items())
+            log.info("data.buckets: %s: %d photos in %d buckets (width x height): %s.", option, len(found),
+                     len(counts), shown)  # fmt: skip
+        return found
+
+    def _build_train_dataset(self, c: ResolvedConcept) -> DreamBoothDataset:
         hp = self.hparams
         prior = hp.with_prior_preservation
-        images = check_image_folder(hp.instance_data_dir, "data.instance_data_dir", warn=False)
+        images = check_image_folder(c.instance_data_dir, f"{c.option}.instance_data_dir", warn=False)
         return DreamBoothDataset(
             instance_images=images,
-            instance_prompt=hp.instance_prompt,
-            instance_captions=self._instance_captions(images),
+            instance_prompt=c.instance_prompt,
+            instance_captions=self._instance_captions(c, images),
             caption_dropout=hp.caption_dropout,
             shuffle_tags=hp.shuffle_tags,
             keep_tags=hp.keep_tags,
-            masks=self._has_masks(images),
+            masks=self._has_masks(c, images),
             alpha_mask=hp.alpha_mask,
             resolution=hp.resolution,
-            class_images=self._class_images() if prior else None,
-            class_prompt=hp.class_prompt if prior else None,
+            class_images=self._class_images(c) if prior else None,
+            class_prompt=c.class_prompt if prior else None,
             center_crop=hp.center_crop,
             random_flip=hp.random_flip,
         )
 
     def _build_caches(self) -> None:
         """Build the missing latent / text-embedding caches (setup() then reads them on every rank)."""
-        self._with_cached_inputs(self._build_train_dataset())
+        self._training_data()
 
-    def _with_cached_inputs(self, dataset: DreamBoothDataset, announce: bool = False):
-        """The dataset and collate function training reads: cached latents and text embeddings where they apply."""
+    def _training_data(self, announce: bool = False):
+        """The dataset and collate function training reads: every concept's items (one concept: its dataset as it
+        is), on cached latents and text embeddings where they apply."""
+        hp = self.hparams
+        parts, collate, prompts = [], None, []
+        for c in self.concepts:
+            dataset = self._build_train_dataset(c)
+            data, collate = self._with_cached_images(c, dataset, announce)
+            parts.append(data)
+            own = dataset.training_prompts()  # one cache entry per distinct prompt
+            prompts = None if own is None or prompts is None else prompts + own
+        data = parts[0] if len(parts) == 1 else ConceptsDataset(parts, [c.repeats for c in self.concepts])
+        model = (hp.pretrained_model_name_or_path, hp.revision, hp.variant)
+        if hp.cache_text_embeddings and prompts is None and announce:
+            log.info("data.shuffle_tags is on: the captions vary without end, so the text encoder runs every step.")
+        if hp.cache_text_embeddings and prompts is not None:
+            embeds = text_embedding_cache(
+                prompts, *model, cache_dir=hp.cache_dir, single_file_config=hp.single_file_config
+            )
+            collate = WithTextEmbeddings(collate, embeds)
+        return data, collate
+
+    def _with_cached_images(self, c: ResolvedConcept, dataset: DreamBoothDataset, announce: bool = False):
+        """A concept's dataset and the collate function: on cached latents where they apply, bucketed with buckets."""
         hp = self.hparams
         model = (hp.pretrained_model_name_or_path, hp.revision, hp.variant)
         sfc = hp.single_file_config
         data, collate = dataset, collate_dreambooth
         if hp.cache_latents and not hp.center_crop and announce:
             log.info("data.center_crop is false: random crops change the pixels, so latents are encoded every step.")
-        if hp.cache_latents and hp.center_crop:
+        if hp.buckets:  # each photo at its bucket; latents cached per bucket
+            buckets = self._photo_buckets(c, dataset.instance_images)
+            data = bucketed_dataset(dataset, buckets, hp.center_crop, hp.random_flip)
+            if hp.cache_latents and hp.center_crop:
+                data = cached_bucket_dataset(
+                    data,
+                    lambda paths, bucket: latent_cache(
+                        paths, hp.resolution, hp.random_flip, *model, cache_dir=hp.cache_dir, single_file_config=sfc,
+                        bucket=bucket,
+                    ),
+                )  # fmt: skip
+                collate = collate_latents
+            collate = WithGeometry(collate)
+        elif hp.cache_latents and hp.center_crop:
             images = dataset.instance_images + (dataset.class_images or [])
             table = latent_cache(
                 images, hp.resolution, hp.random_flip, *model, cache_dir=hp.cache_dir, single_file_config=sfc
             )
             data, collate = CachedLatentDataset(dataset, table), collate_latents
-        prompts = dataset.training_prompts()  # one cache entry per distinct prompt
-        if hp.cache_text_embeddings and prompts is None and announce:
-            log.info("data.shuffle_tags is on: the captions vary without end, so the text encoder runs every step.")
-        if hp.cache_text_embeddings and prompts is not None:
-            embeds = text_embedding_cache(prompts, *model, cache_dir=hp.cache_dir, single_file_config=sfc)
-            collate = WithTextEmbeddings(collate, embeds)
         return data, collate
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("DreamBoothDataModule.train_dataloader() needs setup('fit') first.")
         trainer = self.trainer  # None outside a Trainer
+        if self.hparams.buckets:  # every batch from one bucket: see datamodules/resumable.py
+            return resumable_bucket_loader(
+                self.train_dataset,
+                self.train_dataset.bucket_ids,
+                batch_size=self.hparams.batch_size,
+                seed=self.hparams.seed,
+                num_replicas=trainer.world_size if trainer is not None else 1,
+                rank=trainer.global_rank if trainer is not None else 0,
+                collate_fn=self._collate,
+                num_workers=self.hparams.num_workers,
+                epoch=trainer.current_epoch if trainer is not None else 0,
+            )
         return resumable_train_loader(  # order = f(seed, epoch), resumable mid-epoch: see datamodules/resumable.py
             self.train_dataset,
             batch_size=self.hparams.batch_size,

@@ -43,12 +43,14 @@ class EvalBatch(ValidationBatch):
 
 @dataclass(frozen=True)
 class EvalSubject:
-    """One evaluated subject: its real images, class noun and prompt templates."""
+    """One evaluated subject: its real images, class noun and prompt templates (and its own identifier, for a
+    concept of ``data.concepts``; None: the run's)."""
 
     name: str
     class_noun: str
     image_dir: Path
     templates: tuple[str, ...]
+    identifier: str | None = None
 
     @property
     def live(self) -> bool:
@@ -164,9 +166,10 @@ class EvalPromptDataset(Dataset):
     ) -> None:
         self.rows: list[dict] = []
         for s_index, subject in enumerate(subjects):
-            rows = [(fill(t, identifier, subject.class_noun), False) for t in subject.templates]
+            token = subject.identifier or identifier
+            rows = [(fill(t, token, subject.class_noun), False) for t in subject.templates]
             if class_prompt_template:
-                rows.append((fill(class_prompt_template, identifier, subject.class_noun), True))
+                rows.append((fill(class_prompt_template, token, subject.class_noun), True))
             for p_index, (prompt, is_class) in enumerate(rows):
                 self.rows.append(
                     {

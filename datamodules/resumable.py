@@ -15,7 +15,8 @@ A resumed run must see the same batches, with the same random flips and crops, a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import bisect
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -171,6 +172,13 @@ class ResumableDataLoader(DataLoader):
         if self._current is None:  # no batch handed out since the loader was made or restored
             return {"epoch": self._next[0], "samples_done_all_ranks": self._next[1]}
         epoch, start, batches = self._current
+        if isinstance(self.sampler, BucketBatchSampler):  # batches of unequal sizes: the sampler counts
+            done, complete = self.sampler.progress(epoch, start, batches)
+            return (
+                {"epoch": epoch + 1, "samples_done_all_ranks": 0}
+                if complete
+                else {"epoch": epoch, "samples_done_all_ranks": done}
+            )
         done = start + batches * (self.batch_size or 1) * self._replicas
         if batches >= self._pass_batches(start) or done >= len(self.dataset):  # complete: a new epoch from its start
             return {"epoch": epoch + 1, "samples_done_all_ranks": 0}
@@ -183,6 +191,121 @@ class ResumableDataLoader(DataLoader):
             done = int(state["samples_done"]) * self._replicas
         self._next = (int(state["epoch"]), done)
         self._current = None
+
+
+class BucketBatchSampler(ResumableSampler):
+    """Whole batches, each from one aspect-ratio bucket, in an order fixed by ``(seed, epoch)``, for one rank.
+
+    An epoch's batches: each bucket's items shuffled and cut into batches of ``batch_size`` (its last one shorter),
+    then all the batches shuffled together, from one generator seeded with ``seed + epoch``. Rank ``r`` of ``R``
+    takes batches ``r, r + R, ...``; the tail is padded with the epoch's first batches so that every rank takes as
+    many. Each item gets its item seed from its position in the epoch (over all ranks). A pass can start at any
+    count of samples handed out by all ranks (the end of a batch), on any number of ranks: resuming on another world
+    size shares the rest of the epoch's batches among the new ranks.
+
+    Yields lists of ``(index, item_seed)`` (a DataLoader with ``batch_size=None`` hands each list to the dataset:
+    see :class:`BatchedItems`). A ``DistributedSampler``, so that Lightning does not replace it under DDP.
+
+    Args:
+        dataset: The dataset (its length).
+        bucket_ids: Each item's bucket.
+        batch_size: Items per batch (at most).
+        seed, num_replicas, rank: As for :class:`ResumableSampler`.
+    """
+
+    def __init__(
+        self, dataset: Dataset, bucket_ids: Sequence[int], batch_size: int, seed: int = 0, num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:  # fmt: skip
+        super().__init__(dataset, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=True)
+        if len(bucket_ids) != len(dataset):
+            raise ValueError("BucketBatchSampler: one bucket id per item")
+        self.bucket_ids, self.batch_size = list(bucket_ids), batch_size
+        self.members = {b: [i for i, x in enumerate(self.bucket_ids) if x == b] for b in sorted(set(self.bucket_ids))}
+        self.num_batches = sum(-(-len(m) // batch_size) for m in self.members.values())
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches over all ranks, in order."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        out = []
+        for members in self.members.values():
+            shuffled = [members[k] for k in torch.randperm(len(members), generator=g).tolist()]
+            out += [shuffled[k : k + self.batch_size] for k in range(0, len(shuffled), self.batch_size)]
+        return [out[k] for k in torch.randperm(len(out), generator=g).tolist()]
+
+    def _position(self, batches: list[list[int]], start: int) -> tuple[int, list[int]]:
+        """The batch at which ``start`` samples are done, and the samples done before each batch."""
+        done = [0]
+        for batch in batches:
+            done.append(done[-1] + len(batch))
+        return min(bisect.bisect_left(done, start), len(batches)), done
+
+    def order(self, epoch: int, start: int = 0) -> list[list[tuple[int, int]]]:  # type: ignore[override]
+        """This rank's batches of ``(index, item_seed)`` in pass ``epoch`` from ``start`` samples over all ranks."""
+        batches = self.batches(epoch)
+        p, done = self._position(batches, start)
+        rest = batches[p:]
+        rest += (batches * (len(rest) // max(len(batches), 1) + 1))[: (-len(rest)) % self.num_replicas]
+        mine, position = [], done[p]
+        for k, batch in enumerate(rest):
+            if k % self.num_replicas == self.rank:
+                mine.append([(i, item_seed(self.seed, epoch, position + j)) for j, i in enumerate(batch)])
+            position += len(batch)
+        return mine
+
+    def progress(self, epoch: int, start: int, batches_done: int) -> tuple[int, bool]:
+        """Samples done over all ranks after each rank handed out ``batches_done`` batches of a pass begun at
+        ``start``, and whether the epoch is complete."""
+        batches = self.batches(epoch)
+        p, done = self._position(batches, start)
+        q = p + batches_done * self.num_replicas
+        return (done[-1], True) if q >= len(batches) else (done[q], False)
+
+    def __len__(self) -> int:
+        return -(-self.num_batches // self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:  # type: ignore[override]
+        epoch, start = self._pass if self._pass is not None else (self.epoch, 0)
+        yield from self.order(epoch, start)
+
+
+class BatchedItems(Dataset):
+    """Wraps a dataset so that a list of keys (a whole batch from :class:`BucketBatchSampler`) gives their items."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, keys: list) -> list:
+        return [self.dataset[k] for k in keys]
+
+
+def resumable_bucket_loader(
+    dataset: Dataset,
+    bucket_ids: Sequence[int],
+    batch_size: int,
+    seed: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+    num_workers: int = 0,
+    epoch: int = 0,
+    **kwargs: Any,
+) -> ResumableDataLoader:
+    """The training loader with aspect-ratio buckets: every batch from one bucket (:class:`BucketBatchSampler`),
+    seeded items, resumable mid-epoch as :func:`resumable_train_loader`."""
+    sampler = BucketBatchSampler(dataset, bucket_ids, batch_size, seed=seed, num_replicas=num_replicas, rank=rank)
+    return ResumableDataLoader(
+        BatchedItems(SeededItems(dataset)),
+        batch_size=None,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+        epoch=epoch,
+        **kwargs,
+    )
 
 
 def resumable_train_loader(

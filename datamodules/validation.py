@@ -46,6 +46,19 @@ class ValidationPromptDataset(Dataset):
             rows.append((fill(class_prompt_template, identifier, class_noun), True))
         self.rows = rows
         self.seed = seed
+        self.concept_of = [0] * len(rows)  # each row's concept (data.concepts), by prompt index
+
+    @classmethod
+    def of_concepts(
+        cls, templates: list[str], concepts: list[tuple[str, str]], class_prompt_template: str | None, seed: int = 0
+    ) -> ValidationPromptDataset:
+        """The rows of each concept's (identifier, class noun) in turn (prompt index and seed run on over them);
+        one concept gives exactly the plain dataset's rows."""
+        parts = [cls(templates, identifier, noun, class_prompt_template, seed) for identifier, noun in concepts]
+        out = parts[0]
+        out.concept_of = [k for k, part in enumerate(parts) for _ in part.rows]
+        out.rows = [row for part in parts for row in part.rows]
+        return out
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -109,3 +109,20 @@ class RecordInstancePrompts(pl.Callback):
         with open(os.environ["RECORD_PROMPTS"], "a", encoding="utf-8") as f:
             for prompt in rows:
                 f.write(f"{trainer.current_epoch} {trainer.global_step} {trainer.global_rank} {prompt}\n")
+
+
+class RecordGeometry(pl.Callback):
+    """Each training batch's image shape (pixels or latents), ``original_sizes`` and ``crop_top_lefts`` (or None)."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+        self.original_sizes: list = []
+        self.crop_top_lefts: list = []
+        self.is_prior: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.shapes.append(tuple(batch["latent_mean" if "latent_mean" in batch else "pixel_values"].shape))
+        for name in ("original_sizes", "crop_top_lefts"):
+            value = batch.get(name)
+            getattr(self, name).append(None if value is None else value.detach().cpu().clone())
+        self.is_prior.append(batch["is_prior"].detach().cpu().clone())

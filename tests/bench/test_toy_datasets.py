@@ -1,4 +1,5 @@
-"""The toy data of bench/toy_masks.py and bench/toy_captions.py: what their measurements rest on."""
+"""The toy data of bench/toy_masks.py, bench/toy_captions.py, bench/toy_buckets.py and bench/toy_concepts.py: what
+their measurements rest on."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import random
 import numpy as np
 from PIL import Image
 
+from bench.toy_buckets import draw_wide_subject
 from bench.toy_captions import COLOURS, draw_subject_on_walls
+from bench.toy_concepts import draw_two_subjects
 from bench.toy_masks import draw_subject_on_striped_wall
 from datamodules.images import list_images
 from datamodules.toy_subject import draw_toy_image, draw_toy_photo_and_mask
@@ -38,3 +41,19 @@ def test_wall_photos_are_captioned_with_their_colour(tmp_path):
     assert captions == sorted(f"a {{identifier}} ball, plain {c} wall" for c in COLOURS)
     walls = {tuple(np.asarray(Image.open(p))[0, 0]) for p in list_images(tmp_path / "c")}
     assert len(walls) == 5  # each photo on its own wall colour
+
+
+def test_wide_photos_have_the_ball_near_an_edge_where_a_square_crop_cuts_it_off(tmp_path):
+    draw_wide_subject(tmp_path / "wide", tmp_path / "squares")
+    for photo in list_images(tmp_path / "wide"):
+        pixels = np.asarray(Image.open(photo).convert("RGB")).astype(int)
+        assert pixels.shape == (48, 80, 3)
+        orange = (np.abs(pixels - (250, 120, 20)).sum(axis=2) < 60).sum(axis=0)  # (80,) the ball's orange per column
+        assert orange[16:64].sum() < 0.3 * orange.sum()  # the square crop (x 16-64 of 80) keeps under 30% of it
+
+
+def test_two_subjects_differ_only_on_the_ball(tmp_path):
+    folders = draw_two_subjects(tmp_path)
+    a, b = (np.asarray(Image.open(folders[n] / "toy_00.png")).astype(int) for n in ("sks", "zwx"))
+    changed = np.abs(a - b).sum(axis=2) > 30
+    assert 0.05 < changed.mean() < 0.5 and not changed[0].any()  # the ball; the wall's top row untouched
