@@ -30,9 +30,10 @@ from lightning_modules.fused_optim import OptimizerInBackward, fused_backward_co
 from lightning_modules.lora import (
     TEXT_ENCODER_TARGET_MODULES,
     UNET_TARGET_MODULES,
+    AdapterName,
+    adapter_config,
     inject_lora,
     load_lora_file,
-    lora_config,
     resolve_lora_file,
 )
 from lightning_modules.loss_recipes import LossRecipe, draw_noisy_inputs, loss_row_weights
@@ -122,7 +123,12 @@ class DreamBoothModule(pl.LightningModule):
             configs (architecture, tokenizer, scheduler) describe it; None: its family's (SD 1.5's or SD 2.1's, the
             family told from the file's keys). A hub id's config files must be in the local cache when offline.
         train_text_encoder: Also train the text encoder (fully, or with LoRA when ``use_lora``).
-        use_lora: Train LoRA adapters (peft) instead of the full weights; the base model stays frozen.
+        use_lora: Train adapters (peft; ``adapter`` says which) instead of the full weights; the base model stays
+            frozen.
+        adapter: The adapter ``use_lora`` trains: ``lora`` (low-rank ``B A``), ``dora`` (LoRA plus a trained magnitude
+            per output row: weight-decomposed LoRA), ``loha`` (LyCORIS LoHa: Hadamard product of two low-rank pairs),
+            ``lokr`` (LyCORIS LoKr: Kronecker product of a small and a low-rank factor). ``lora_rank``, ``lora_alpha``
+            and the target modules apply to each (scale alpha / rank); ``lora_dropout`` to lora and dora only.
         lora_rank: LoRA rank r.
         lora_alpha: LoRA alpha; the update is scaled by alpha / r. Defaults to the rank (scale 1).
         lora_dropout: Dropout on the LoRA branch.
@@ -195,6 +201,7 @@ class DreamBoothModule(pl.LightningModule):
         single_file_config: str | None = None,
         train_text_encoder: bool = False,
         use_lora: bool = True,
+        adapter: AdapterName = "lora",
         lora_rank: int = 8,
         lora_alpha: float | None = None,
         lora_dropout: float = 0.0,
@@ -230,7 +237,11 @@ class DreamBoothModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if use_lora:  # fail at config time, before any weight loads
-            lora_config(lora_rank, lora_alpha, lora_dropout, lora_target_modules or UNET_TARGET_MODULES)
+            adapter_config(adapter, lora_rank, lora_alpha, lora_dropout, lora_target_modules or UNET_TARGET_MODULES)
+        elif adapter != "lora":
+            raise ConfigError(
+                f"model.adapter {adapter} needs model.use_lora true (adapters train instead of the full weights)."
+            )
         if learning_rate <= 0 or (text_encoder_lr is not None and text_encoder_lr <= 0):
             raise ConfigError("model.learning_rate and model.text_encoder_lr must be positive.")
         if prior_loss_weight < 0:
@@ -289,10 +300,11 @@ class DreamBoothModule(pl.LightningModule):
         if hp.lora_weights:  # trained adapters from an export, frozen: for rendering and evaluation
             load_lora_file(parts.unet, parts.text_encoder, hp.lora_weights)
         elif hp.use_lora:
-            inject_lora(parts.unet, lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, self._unet_targets))
+            adapter = hp.get("adapter", "lora")  # checkpoints from before model.adapter trained LoRA
+            settings = (hp.lora_rank, hp.lora_alpha, hp.lora_dropout)
+            inject_lora(parts.unet, adapter_config(adapter, *settings, self._unet_targets))
             if hp.train_text_encoder:
-                te_config = lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, self._te_targets)
-                inject_lora(parts.text_encoder, te_config)
+                inject_lora(parts.text_encoder, adapter_config(adapter, *settings, self._te_targets))
         else:
             parts.unet.requires_grad_(True)
             if hp.train_text_encoder:
