@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -21,7 +22,7 @@ from datamodules.captions import (
     uses_class_noun,
 )
 from datamodules.class_images import generate_class_images
-from datamodules.datasets import DreamBoothDataset, collate_dreambooth
+from datamodules.datasets import DreamBoothDataset, collate_dreambooth, image_transform
 from datamodules.evaluation import (
     DREAMBENCH,
     EvalPromptDataset,
@@ -30,7 +31,7 @@ from datamodules.evaluation import (
     dreambench_subjects,
     subject_templates,
 )
-from datamodules.images import check_image_folder, check_images, list_images
+from datamodules.images import check_image_folder, check_images, list_images, load_image
 from datamodules.masks import check_masks
 from datamodules.predict import collate_predict, load_control_image, read_prompts_file
 from datamodules.prompt_checks import missing_identifier_message
@@ -38,6 +39,7 @@ from datamodules.prompts import resolve_templates
 from datamodules.resumable import resumable_train_loader
 from datamodules.validation import ValidationPromptDataset, collate_prompts, prompt_loader
 from lightning_modules.errors import ConfigError, InputNotFoundError
+from lightning_modules.heldout import MIN_TRAINING_PHOTOS, HeldOutSet, check_holdout, holdout_count, split_holdout
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,11 @@ class DreamBoothDataModule(pl.LightningDataModule):
             (``~/.cache/dreambooth_lightning/data``). A cache is keyed by everything its content depends on (image
             bytes, resolution, crop, flip, base model, revision, variant, VAE / text encoder), so a change
             rebuilds it.
+        holdout: Hold photos out of training and log a fixed-noise denoising loss on them at each validation
+            (``val/loss``: the same noise and timesteps every time, so the curve compares): a number of photos (the
+            last ones in name order) or a fraction of them (0.2). When that would leave fewer than 3 training photos,
+            none is held out and the loss is measured on the training photos instead (a fit curve, not an
+            overfitting one; a warning says so). Null (default) is off: training is unchanged.
     """
 
     def __init__(
@@ -193,8 +200,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
         keep_tags: int = 0,
         alpha_mask: bool = False,
         cache_dir: str | None = None,
+        holdout: int | float | None = None,
     ) -> None:
         super().__init__()
+        check_holdout(holdout)
         self.validation_templates = resolve_templates(validation_prompts, "data.validation_prompts")
         resolve_templates([pres_prompt] if pres_prompt else [], "data.pres_prompt")
         if predict_prompts is not None and predict_prompts_file is not None:
@@ -245,6 +254,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.control: Tensor | None = None  # (1, 3, H, W) ControlNet condition, loaded in setup("predict")
         self.test_subjects: list[EvalSubject] = []  # built in setup("test")
         self.test_dataset: EvalPromptDataset | None = None
+        self.heldout: HeldOutSet | None = None  # built in setup("fit" / "validate") with data.holdout
 
     def prepare_data(self) -> None:
         """Check the images and, for ``fit``, generate the missing class images and build the caches (once per node)."""
@@ -311,6 +321,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             self.val_dataset = ValidationPromptDataset(
                 self.validation_templates, hp.identifier, noun, hp.pres_prompt, hp.validation_seed
             )
+            self.heldout = self._build_heldout_set() if hp.get("holdout") is not None else None
         if stage == "predict":
             self.predict_dataset, self.control = self._build_predict_dataset()
         if stage == "test":
@@ -391,14 +402,45 @@ class DreamBoothDataModule(pl.LightningDataModule):
             log.info("data.instance_data_dir: %d of %d photos have a loss mask.", found, len(images))
         return found > 0
 
+    def _holdout_split(self, images: list[Path]) -> tuple[list[Path], list[Path], bool]:
+        """(training photos, held-out photos, on_training_photos) by ``data.holdout``; all photos train when off."""
+        return split_holdout(images, holdout_count(self.hparams.get("holdout"), len(images)))
+
+    def _build_heldout_set(self) -> HeldOutSet:
+        """The photos of the held-out loss, center-cropped at the training resolution, each with its caption."""
+        hp = self.hparams
+        images = check_image_folder(hp.instance_data_dir, "data.instance_data_dir", warn=False)
+        _, held, on_training = self._holdout_split(images)
+        if on_training:
+            log.warning(
+                "data.holdout=%s would leave fewer than %d of the %d photos to train on: none is held out, and val/loss "
+                "is measured on the training photos at fixed noise and timesteps (how well they are fitted, not "
+                "overfitting).",
+                hp.holdout,
+                MIN_TRAINING_PHOTOS,
+                len(images),
+            )
+        else:
+            log.info("data.holdout: %d of %d photos held out of training for val/loss.", len(held), len(images))
+        captions = dict(zip(images, self._instance_captions(images) or [None] * len(images), strict=True))
+        transform = image_transform(hp.resolution, center_crop=True, random_flip=False)
+        pixels = torch.stack([transform(load_image(p)) for p in held])  # (N, 3, H, W)
+        prompts = [captions[p] or hp.instance_prompt for p in held]
+        return HeldOutSet(pixels, prompts, on_training)
+
     def _build_train_dataset(self) -> DreamBoothDataset:
         hp = self.hparams
         prior = hp.with_prior_preservation
         images = check_image_folder(hp.instance_data_dir, "data.instance_data_dir", warn=False)
+        captions = self._instance_captions(images)  # read for the whole folder (a metadata file names every photo)
+        if hp.get("holdout") is not None:  # the photos held out do not train
+            kept = self._holdout_split(images)[0]
+            captions = None if captions is None else [c for p, c in zip(images, captions, strict=True) if p in kept]
+            images = kept
         return DreamBoothDataset(
             instance_images=images,
             instance_prompt=hp.instance_prompt,
-            instance_captions=self._instance_captions(images),
+            instance_captions=captions,
             caption_dropout=hp.caption_dropout,
             shuffle_tags=hp.shuffle_tags,
             keep_tags=hp.keep_tags,

@@ -27,6 +27,7 @@ from lightning_modules.diffusion import (
 from lightning_modules.ema import TrainedWeightsEMA, check_ema_decay
 from lightning_modules.errors import CheckpointMismatchError, ConfigError
 from lightning_modules.fused_optim import OptimizerInBackward, fused_backward_conflicts
+from lightning_modules.heldout import HELDOUT_SEED, HeldOutInputs, heldout_inputs, heldout_loss
 from lightning_modules.lora import (
     TEXT_ENCODER_TARGET_MODULES,
     UNET_TARGET_MODULES,
@@ -278,6 +279,7 @@ class DreamBoothModule(pl.LightningModule):
         self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
         self.ema: TrainedWeightsEMA | None = None  # made in configure_model when model.ema_decay is set
         self._ema_context = None  # the EMA swapped in for a validation run
+        self._heldout_inputs: HeldOutInputs | None = None  # fixed inputs of val/loss, made at the first validation
 
     # ----------------------------------------------------------------------------------------------- model set-up
     def configure_model(self) -> None:
@@ -514,12 +516,40 @@ class DreamBoothModule(pl.LightningModule):
         return without_padding(self._render_prompts(batch, self.sampling.num_images_per_prompt), batch)
 
     def on_validation_epoch_end(self) -> None:
+        self._log_heldout_loss()  # with the weights the renders used (the EMA's, when on)
         self._pipe = None
         if self._ema_context is not None:  # the raw weights back before checkpoints are saved and training goes on
             self._ema_context.__exit__(None, None, None)
             self._ema_context = None
         if self.trainer.state.fn == "fit":  # training goes on: the frozen parts leave the training device again
             self.release_frozen()
+
+    def _log_heldout_loss(self) -> None:
+        """``val/loss``: the fixed-noise denoising loss on the photos ``data.holdout`` keeps out of training."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        heldout = getattr(datamodule, "heldout", None)
+        if heldout is None:
+            return
+        parts = self.sampling_parts()  # VAE and text encoder on this device (validation loaded them to render)
+        if self._heldout_inputs is None:  # the same inputs at every validation of this run
+            self._heldout_inputs = heldout_inputs(parts.vae, parts.noise_scheduler, heldout, HELDOUT_SEED)
+        loss = heldout_loss(self._denoise, parts.noise_scheduler, self._heldout_inputs)  # the same on every rank
+        # As the val/* metrics are (callbacks/metrics.py): at the optimizer step the weights are from, 0 = the base
+        # model (Lightning's own logging drops the sanity check's baseline); ModelCheckpoint can monitor it.
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"val/loss": loss.item()}, step=self.global_step)
+        if not self.trainer.sanity_checking:
+            self.trainer.callback_metrics["val/loss"] = loss
+
+    @torch.no_grad()
+    def _denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The UNet's prediction for ``prompts`` (no gradient), under the frozen weights' dtype."""
+        context = encode_text(self.parts.text_encoder, tokenize(self.parts.tokenizer, prompts))
+        dtype = next((p.dtype for p in self.unet.parameters() if not p.requires_grad), torch.float32)
+        autocast = dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=autocast):
+            return self.unet(to_memory_format(noisy_latents, self.hparams.channels_last), timesteps, context).sample
 
     def on_test_epoch_start(self) -> None:
         self._pipe = build_pipeline(self.sampling_parts(), self.sampling.sampler)
