@@ -30,14 +30,21 @@ from lightning_modules.sd_loading import load_pipeline
 from tests.conftest import fit_args
 from train import cli_main, main
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 NO_VALIDATION = ("--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0")
 EVERY_STEP = ("--trainer.callbacks.init_args.every_n_train_steps=1", "--trainer.callbacks.init_args.save_top_k=-1")
 # lokr at rank 2 decomposes its second factor on the tiny model (lokr_w2_a / lokr_w2_b); rank 4 keeps both whole
-# (tested below without a fit). alpha != rank everywhere, so a wrong scale shows.
+# (tested below without a fit). alpha != rank everywhere, so a wrong scale shows. loha composes the example overlay
+# (configs/examples/adapters.yaml: LoHa, one photo held out).
 ADAPTERS = {
     "dora": ("--model.adapter=dora", "--model.lora_alpha=2"),
-    "loha": ("--model.adapter=loha", "--model.lora_alpha=2"),
+    "loha": (
+        "--config",
+        str(ROOT / "configs" / "examples" / "adapters.yaml"),
+        "--model.lora_rank=4",
+        "--model.lora_alpha=2",
+    ),
     "lokr": ("--model.adapter=lokr", "--model.lora_rank=2", "--model.lora_alpha=3"),
 }
 
@@ -147,6 +154,8 @@ def test_the_file_applied_as_comfyui_applies_it_is_the_trained_weight(fitted):
     with safe_open(export / KOHYA_WEIGHT_NAME, "pt") as f:
         header = f.metadata()
     assert header["ss_network_module"] == ("networks.lora" if adapter == "dora" else "lycoris.kohya")
+    if adapter == "loha":  # the example overlay applied: its held-out photo too
+        assert cli.model.hparams.lora_dropout == 0.0 and cli.datamodule.hparams.holdout == 1
     info = json.loads((export / INFO_NAME).read_text())
     assert info["adapter"] == adapter
     assert info["files"] == ([LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME] if adapter == "dora" else [KOHYA_WEIGHT_NAME])
