@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -24,7 +25,7 @@ from datamodules.captions import (
 )
 from datamodules.class_images import generate_class_images
 from datamodules.concepts import Concept, ConceptsDataset, ResolvedConcept, as_dicts, resolve_concepts
-from datamodules.datasets import DreamBoothDataset, collate_dreambooth
+from datamodules.datasets import DreamBoothDataset, collate_dreambooth, image_transform
 from datamodules.evaluation import (
     DREAMBENCH,
     EvalPromptDataset,
@@ -33,7 +34,7 @@ from datamodules.evaluation import (
     dreambench_subjects,
     subject_templates,
 )
-from datamodules.images import check_image_folder, check_images, list_images
+from datamodules.images import check_image_folder, check_images, list_images, load_image
 from datamodules.masks import check_masks
 from datamodules.predict import collate_predict, load_control_image, read_prompts_file
 from datamodules.prompt_checks import missing_identifier_message
@@ -41,6 +42,7 @@ from datamodules.prompts import resolve_templates
 from datamodules.resumable import resumable_bucket_loader, resumable_train_loader
 from datamodules.validation import ValidationPromptDataset, collate_prompts, prompt_loader
 from lightning_modules.errors import ConfigError, InputNotFoundError
+from lightning_modules.heldout import MIN_TRAINING_PHOTOS, HeldOutSet, check_holdout, holdout_count, split_holdout
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,11 @@ class DreamBoothDataModule(pl.LightningDataModule):
             (``~/.cache/dreambooth_lightning/data``). A cache is keyed by everything its content depends on (image
             bytes, resolution, crop, flip, base model, revision, variant, VAE / text encoder), so a change
             rebuilds it.
+        holdout: Hold photos out of training and log a fixed-noise denoising loss on them at each validation
+            (``val/loss``: the same noise and timesteps every time, so the curve compares): a number of photos (the
+            last ones in name order) or a fraction of them (0.2). When that would leave fewer than 3 training photos,
+            none is held out and the loss is measured on the training photos instead (a fit curve, not an
+            overfitting one; a warning says so). Null (default) is off: training is unchanged.
     """
 
     def __init__(
@@ -224,8 +231,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
         bucket_max_ratio: float = 2.0,
         bucket_no_upscale: bool = False,
         cache_dir: str | None = None,
+        holdout: int | float | None = None,
     ) -> None:
         super().__init__()
+        check_holdout(holdout)
         self.validation_templates = resolve_templates(validation_prompts, "data.validation_prompts")
         resolve_templates([pres_prompt] if pres_prompt else [], "data.pres_prompt")
         if predict_prompts is not None and predict_prompts_file is not None:
@@ -274,6 +283,11 @@ class DreamBoothDataModule(pl.LightningDataModule):
                      class_noun=class_noun, class_data_dir=class_data_dir, class_prompt=class_prompt,
                      num_class_images=num_class_images)  # fmt: skip
         self.concepts: list[ResolvedConcept] = resolve_concepts(concepts, plain, with_prior_preservation)
+        if holdout is not None and len(self.concepts) > 1:
+            raise ConfigError(
+                "data.holdout holds photos of one subject out of training; with several data.concepts it is not "
+                "supported: set it to null."
+            )
         if new_tokens and (len(self.concepts) > 1 or self.concepts[0].identifier != identifier):
             raise ConfigError(
                 "data.new_tokens (pivotal tuning) stands for data.identifier in a one-subject run; with data.concepts "
@@ -290,6 +304,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.control: Tensor | None = None  # (1, 3, H, W) ControlNet condition, loaded in setup("predict")
         self.test_subjects: list[EvalSubject] = []  # built in setup("test")
         self.test_dataset: EvalPromptDataset | None = None
+        self.heldout: HeldOutSet | None = None  # built in setup("fit" / "validate") with data.holdout
 
     def prepare_data(self) -> None:
         """Check the images and, for ``fit``, generate the missing class images and build the caches (once per node)."""
@@ -367,6 +382,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             self.val_dataset = ValidationPromptDataset.of_concepts(
                 self.validation_templates, parts, hp.pres_prompt, hp.validation_seed
             )
+            self.heldout = self._build_heldout_set() if hp.get("holdout") is not None else None
         if stage == "predict":
             self.predict_dataset, self.control = self._build_predict_dataset()
         if stage == "test":
@@ -474,14 +490,46 @@ class DreamBoothDataModule(pl.LightningDataModule):
                      len(counts), shown)  # fmt: skip
         return found
 
+    def _holdout_split(self, images: list[Path]) -> tuple[list[Path], list[Path], bool]:
+        """(training photos, held-out photos, on_training_photos) by ``data.holdout``; all photos train when off."""
+        return split_holdout(images, holdout_count(self.hparams.get("holdout"), len(images)))
+
+    def _build_heldout_set(self) -> HeldOutSet:
+        """The photos of the held-out loss, center-cropped at the training resolution, each with its caption."""
+        hp = self.hparams
+        c = self.concepts[0]  # one subject (data.holdout is refused with several concepts)
+        images = check_image_folder(c.instance_data_dir, f"{c.option}.instance_data_dir", warn=False)
+        _, held, on_training = self._holdout_split(images)
+        if on_training:
+            log.warning(
+                "data.holdout=%s would leave fewer than %d of the %d photos to train on: none is held out, and val/loss "
+                "is measured on the training photos at fixed noise and timesteps (how well they are fitted, not "
+                "overfitting).",
+                hp.holdout,
+                MIN_TRAINING_PHOTOS,
+                len(images),
+            )
+        else:
+            log.info("data.holdout: %d of %d photos held out of training for val/loss.", len(held), len(images))
+        captions = dict(zip(images, self._instance_captions(c, images) or [None] * len(images), strict=True))
+        transform = image_transform(hp.resolution, center_crop=True, random_flip=False)
+        pixels = torch.stack([transform(load_image(p)) for p in held])  # (N, 3, H, W)
+        prompts = [captions[p] or c.instance_prompt for p in held]
+        return HeldOutSet(pixels, prompts, on_training)
+
     def _build_train_dataset(self, c: ResolvedConcept) -> DreamBoothDataset:
         hp = self.hparams
         prior = hp.with_prior_preservation
         images = check_image_folder(c.instance_data_dir, f"{c.option}.instance_data_dir", warn=False)
+        captions = self._instance_captions(c, images)  # read for the whole folder (a metadata file names every photo)
+        if hp.get("holdout") is not None:  # the photos held out do not train
+            kept = self._holdout_split(images)[0]
+            captions = None if captions is None else [x for p, x in zip(images, captions, strict=True) if p in kept]
+            images = kept
         return DreamBoothDataset(
             instance_images=images,
             instance_prompt=c.instance_prompt,
-            instance_captions=self._instance_captions(c, images),
+            instance_captions=captions,
             caption_dropout=hp.caption_dropout,
             shuffle_tags=hp.shuffle_tags,
             keep_tags=hp.keep_tags,

@@ -27,12 +27,14 @@ from lightning_modules.diffusion import (
 from lightning_modules.ema import TrainedWeightsEMA, check_ema_decay
 from lightning_modules.errors import CheckpointMismatchError, ConfigError
 from lightning_modules.fused_optim import OptimizerInBackward, fused_backward_conflicts
+from lightning_modules.heldout import HELDOUT_SEED, HeldOutInputs, heldout_inputs, heldout_loss
 from lightning_modules.lora import (
     TEXT_ENCODER_TARGET_MODULES,
     UNET_TARGET_MODULES,
+    AdapterName,
+    adapter_config,
     inject_lora,
     load_lora_file,
-    lora_config,
     resolve_lora_file,
 )
 from lightning_modules.loss_recipes import LossRecipe, draw_noisy_inputs, loss_row_weights
@@ -130,7 +132,12 @@ class DreamBoothModule(pl.LightningModule):
             configs (architecture, tokenizer, scheduler) describe it; None: its family's (SD 1.5's or SD 2.1's, the
             family told from the file's keys). A hub id's config files must be in the local cache when offline.
         train_text_encoder: Also train the text encoder (fully, or with LoRA when ``use_lora``).
-        use_lora: Train LoRA adapters (peft) instead of the full weights; the base model stays frozen.
+        use_lora: Train adapters (peft; ``adapter`` says which) instead of the full weights; the base model stays
+            frozen.
+        adapter: The adapter ``use_lora`` trains: ``lora`` (low-rank ``B A``), ``dora`` (LoRA plus a trained magnitude
+            per output row: weight-decomposed LoRA), ``loha`` (LyCORIS LoHa: Hadamard product of two low-rank pairs),
+            ``lokr`` (LyCORIS LoKr: Kronecker product of a small and a low-rank factor). ``lora_rank``, ``lora_alpha``
+            and the target modules apply to each (scale alpha / rank); ``lora_dropout`` to lora and dora only.
         lora_rank: LoRA rank r.
         lora_alpha: LoRA alpha; the update is scaled by alpha / r. Defaults to the rank (scale 1).
         lora_dropout: Dropout on the LoRA branch.
@@ -210,6 +217,7 @@ class DreamBoothModule(pl.LightningModule):
         single_file_config: str | None = None,
         train_text_encoder: bool = False,
         use_lora: bool = True,
+        adapter: AdapterName = "lora",
         lora_rank: int = 8,
         lora_alpha: float | None = None,
         lora_dropout: float = 0.0,
@@ -249,7 +257,11 @@ class DreamBoothModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if use_lora:  # fail at config time, before any weight loads
-            lora_config(lora_rank, lora_alpha, lora_dropout, lora_target_modules or UNET_TARGET_MODULES)
+            adapter_config(adapter, lora_rank, lora_alpha, lora_dropout, lora_target_modules or UNET_TARGET_MODULES)
+        elif adapter != "lora":
+            raise ConfigError(
+                f"model.adapter {adapter} needs model.use_lora true (adapters train instead of the full weights)."
+            )
         if learning_rate <= 0 or (text_encoder_lr is not None and text_encoder_lr <= 0):
             raise ConfigError("model.learning_rate and model.text_encoder_lr must be positive.")
         if prior_loss_weight < 0:
@@ -294,6 +306,7 @@ class DreamBoothModule(pl.LightningModule):
         self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
         self.ema: TrainedWeightsEMA | None = None  # made in configure_model when model.ema_decay is set
         self._ema_context = None  # the EMA swapped in for a validation run
+        self._heldout_inputs: HeldOutInputs | None = None  # fixed inputs of val/loss, made at the first validation
 
     # ----------------------------------------------------------------------------------------------- model set-up
     def configure_model(self) -> None:
@@ -316,10 +329,11 @@ class DreamBoothModule(pl.LightningModule):
         if hp.lora_weights:  # trained adapters from an export, frozen: for rendering and evaluation
             load_lora_file(parts.unet, parts.text_encoder, hp.lora_weights)
         elif hp.use_lora:
-            inject_lora(parts.unet, lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, self._unet_targets))
+            adapter = hp.get("adapter", "lora")  # checkpoints from before model.adapter trained LoRA
+            settings = (hp.lora_rank, hp.lora_alpha, hp.lora_dropout)
+            inject_lora(parts.unet, adapter_config(adapter, *settings, self._unet_targets))
             if hp.train_text_encoder:
-                te_config = lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, self._te_targets)
-                inject_lora(parts.text_encoder, te_config)
+                inject_lora(parts.text_encoder, adapter_config(adapter, *settings, self._te_targets))
         else:
             parts.unet.requires_grad_(True)
             if hp.train_text_encoder:
@@ -576,10 +590,38 @@ class DreamBoothModule(pl.LightningModule):
         return without_padding(self._render_prompts(batch, self.sampling.num_images_per_prompt), batch)
 
     def on_validation_epoch_end(self) -> None:
+        self._log_heldout_loss()  # with the weights the renders used (the EMA's, when on)
         self._pipe = None
         self._swap_out_ema()
         if self.trainer.state.fn == "fit":  # training goes on: the frozen parts leave the training device again
             self.release_frozen()
+
+    def _log_heldout_loss(self) -> None:
+        """``val/loss``: the fixed-noise denoising loss on the photos ``data.holdout`` keeps out of training."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        heldout = getattr(datamodule, "heldout", None)
+        if heldout is None:
+            return
+        parts = self.sampling_parts()  # VAE and text encoder on this device (validation loaded them to render)
+        if self._heldout_inputs is None:  # the same inputs at every validation of this run
+            self._heldout_inputs = heldout_inputs(parts.vae, parts.noise_scheduler, heldout, HELDOUT_SEED)
+        loss = heldout_loss(self._denoise, parts.noise_scheduler, self._heldout_inputs)  # the same on every rank
+        # As the val/* metrics are (callbacks/metrics.py): at the optimizer step the weights are from, 0 = the base
+        # model (Lightning's own logging drops the sanity check's baseline); ModelCheckpoint can monitor it.
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"val/loss": loss.item()}, step=self.global_step)
+        if not self.trainer.sanity_checking:
+            self.trainer.callback_metrics["val/loss"] = loss
+
+    @torch.no_grad()
+    def _denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The UNet's prediction for ``prompts`` (no gradient), under the frozen weights' dtype."""
+        context = encode_text(self.parts.text_encoder, tokenize(self.parts.tokenizer, prompts))
+        dtype = next((p.dtype for p in self.unet.parameters() if not p.requires_grad), torch.float32)
+        autocast = dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=autocast):
+            return self.unet(to_memory_format(noisy_latents, self.hparams.channels_last), timesteps, context).sample
 
     def on_test_epoch_start(self) -> None:
         self._swap_in_ema()

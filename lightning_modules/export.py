@@ -1,7 +1,9 @@
 """Exports that other tools load, written atomically, Lightning-free, and loading them back.
 
-- LoRA: ``pytorch_lora_weights.safetensors`` in the layout diffusers' ``load_lora_weights`` reads, and
+- LoRA and DoRA: ``pytorch_lora_weights.safetensors`` in the layout diffusers' ``load_lora_weights`` reads, and
   ``pytorch_lora_weights_kohya.safetensors`` in the kohya layout AUTOMATIC1111 and ComfyUI read.
+- LoHa and LoKr: ``pytorch_lora_weights_kohya.safetensors`` only, under LyCORIS' names (AUTOMATIC1111, ComfyUI);
+  diffusers loads neither from a file.
 - Full fine-tune: ``pipeline/``, a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` reads, and
   (optionally) ``model.safetensors``, one file in the original SD 1.x layout (``from_single_file``, AUTOMATIC1111,
   ComfyUI); for a v-prediction model also ``model.yaml``, its original config with ``parameterization: "v"``, which
@@ -19,7 +21,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_modules.errors import InputNotFoundError
+from lightning_modules.errors import InputFileError, InputNotFoundError
 from lightning_modules.export_layout import (
     INFO_NAME,
     KOHYA_WEIGHT_NAME,
@@ -29,7 +31,7 @@ from lightning_modules.export_layout import (
 )
 from lightning_modules.families import family_of_pipeline
 from lightning_modules.ldm_config import is_v_prediction, write_ldm_config
-from lightning_modules.lora import lora_metadata, lora_state_dict
+from lightning_modules.lora import adapter_kind, lora_metadata, lora_state_dict, lycoris_export_note
 from lightning_modules.lora_formats import (
     load_lora_into_pipeline,
     save_kohya_lora,
@@ -66,9 +68,11 @@ def export_lora(
     embeddings: dict[str, torch.Tensor] | None = None,
     new_tokens: list[str] | None = None,
 ) -> Path:
-    """Write the UNet (and text-encoder, when it has one) LoRA adapters as a diffusers and a kohya LoRA file, and the
-    new tokens' embeddings (pivotal tuning, ``embeddings``: :func:`lightning_modules.new_tokens.embedding_file_state`)
-    as ``embeddings.safetensors``, its tokens (``new_tokens``) recorded in ``export_info.json``.
+    """Write the UNet (and text-encoder, when it has one) adapters as a diffusers and a kohya LoRA file (LoRA, DoRA),
+    or as a LyCORIS file (LoHa, LoKr: the kohya file's name, LyCORIS' key names), and return the diffusers file's path
+    (the LyCORIS file's for LoHa / LoKr). The new tokens' embeddings (pivotal tuning, ``embeddings``:
+    :func:`lightning_modules.new_tokens.embedding_file_state`) go beside them as ``embeddings.safetensors``, their
+    tokens (``new_tokens``) recorded in ``export_info.json``.
 
     ``text_encoder`` may be None (a frozen text encoder that was never loaded: cached text embeddings).
 
@@ -77,24 +81,48 @@ def export_lora(
     """
     check_finite({"unet": unet, "text_encoder": text_encoder})
     te = text_encoder is not None and has_lora(text_encoder)
+    kind = adapter_kind(unet.peft_config["default"])
+    if kind in ("loha", "lokr"):
+        with atomic_directory(out_dir) as tmp:
+            save_kohya_lora(unet, text_encoder if te else None, tmp / KOHYA_WEIGHT_NAME, base_model)
+            files = [KOHYA_WEIGHT_NAME] + _save_embeddings(tmp, embeddings)
+            _write_info(tmp, "lora", files, base_model, revision, variant, single_file_config, kind, new_tokens)
+        return Path(out_dir) / KOHYA_WEIGHT_NAME
     with atomic_directory(out_dir) as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp,
             unet_lora_layers=lora_state_dict(unet),
             # With the ``text_model.`` level, so that transformers < 5.6 (not flattened) finds the layers too.
-            text_encoder_lora_layers=with_text_model_prefix(lora_state_dict(text_encoder)) if te else None,
+            text_encoder_lora_layers=text_encoder_lora_layers(text_encoder) if te else None,
             unet_lora_adapter_metadata=lora_metadata(unet),
             text_encoder_lora_adapter_metadata=lora_metadata(text_encoder) if te else None,
             weight_name=LORA_WEIGHT_NAME,
             safe_serialization=True,
         )
         save_kohya_lora(unet, text_encoder if te else None, tmp / KOHYA_WEIGHT_NAME, base_model)
-        files = [LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME]
-        if embeddings is not None:
-            save_file(embeddings, str(tmp / EMBEDDINGS_NAME))
-            files.append(EMBEDDINGS_NAME)
-        _write_info(tmp, "lora", files, base_model, revision, variant, single_file_config, new_tokens)
+        files = [LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME] + _save_embeddings(tmp, embeddings)
+        adapter = kind if kind != "lora" else None  # a plain LoRA's info file as before
+        _write_info(tmp, "lora", files, base_model, revision, variant, single_file_config, adapter, new_tokens)
     return Path(out_dir) / LORA_WEIGHT_NAME
+
+
+def _save_embeddings(folder: Path, embeddings: dict[str, torch.Tensor] | None) -> list[str]:
+    """Write the new tokens' embedding file into ``folder`` (pivotal tuning); the names of the files written."""
+    if embeddings is None:
+        return []
+    save_file(embeddings, str(folder / EMBEDDINGS_NAME))
+    return [EMBEDDINGS_NAME]
+
+
+def text_encoder_lora_layers(text_encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The text encoder's adapter weights as the diffusers file holds them: with the ``text_model.`` level (so that
+    transformers < 5.6, not flattened, finds the layers too), DoRA's magnitudes as ``lora_magnitude_vector.weight``.
+
+    Without that suffix transformers' adapter loader (which diffusers' ``load_lora_weights`` uses for the text encoder)
+    leaves the magnitudes at their initial value (its load report lists them as missing); peft's loader reads both.
+    """
+    state = with_text_model_prefix(lora_state_dict(text_encoder))
+    return {(k + ".weight" if k.endswith(".lora_magnitude_vector") else k): v for k, v in state.items()}
 
 
 def export_full(
@@ -157,6 +185,8 @@ def load_export(export_dir: str | Path, torch_dtype: torch.dtype = torch.float32
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+    if info.get("adapter") in ("loha", "lokr"):
+        raise InputFileError(f"{str(folder)!r} {lycoris_export_note(info['adapter'])}")
     base = info["base_model"]
     pipe = load_pipeline(
         base, info.get("revision"), info.get("variant"), torch_dtype, single_file_config=info.get("single_file_config")
@@ -176,10 +206,13 @@ def _write_info(
     revision: str | None = None,
     variant: str | None = None,
     single_file_config: str | None = None,
+    adapter: str | None = None,
     new_tokens: list[str] | None = None,
 ) -> None:
     info = {"kind": kind, "base_model": base_model, "revision": revision, "variant": variant}
     info |= {"single_file_config": single_file_config, "files": files}
+    if adapter is not None:
+        info["adapter"] = adapter
     if new_tokens:
         info["new_tokens"] = new_tokens
     (folder / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")

@@ -1,52 +1,101 @@
-"""LoRA through peft, Lightning-free: inject, list trainable weights, get what diffusers saves, load it back."""
+"""LoRA and its variants through peft, Lightning-free: inject, list trainable weights, get what diffusers saves, load
+it back.
+
+Adapters (``model.adapter``): ``lora`` (low-rank ``B A``), ``dora`` (LoRA with a trained magnitude per output row,
+peft's ``use_dora``), ``loha`` (LyCORIS' Hadamard product of two low-rank pairs, peft's LoHa) and ``lokr`` (LyCORIS'
+Kronecker product, peft's LoKr).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Literal
 
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
 from diffusers.utils.peft_utils import _create_lora_config, get_adapter_name
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+from peft.config import PeftConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 
 from lightning_modules.errors import ConfigError, InputFileError, InputNotFoundError
-from lightning_modules.export_layout import LORA_WEIGHT_NAME, PIPELINE_DIRNAME
+from lightning_modules.export_layout import INFO_NAME, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, PIPELINE_DIRNAME
 
 UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
+AdapterName = Literal["lora", "dora", "loha", "lokr"]
+ADAPTERS = ("lora", "dora", "loha", "lokr")
+# The fragment of an adapter weight's name, per peft config type (peft's tuner ``prefix``).
+_WEIGHT_PREFIX = {LoraConfig: "lora_", LoHaConfig: "hada_", LoKrConfig: "lokr_"}
+
 
 def lora_config(rank: int, alpha: float | None, dropout: float, target_modules: list[str]) -> LoraConfig:
     """The peft config; alpha defaults to the rank (scale 1), as in the diffusers DreamBooth LoRA script."""
+    return adapter_config("lora", rank, alpha, dropout, target_modules)
+
+
+def adapter_config(
+    adapter: str, rank: int, alpha: float | None, dropout: float, target_modules: list[str]
+) -> PeftConfig:
+    """The peft config of ``model.adapter``; alpha defaults to the rank (scale alpha / rank = 1) for each kind.
+
+    LoHa and LoKr have no dropout on their branch in peft (only rank and module dropout, other things): a nonzero
+    ``model.lora_dropout`` is refused for them rather than silently ignored.
+    """
+    if adapter not in ADAPTERS:
+        raise ConfigError(f"Unknown model.adapter {adapter!r}: choose one of {', '.join(ADAPTERS)}.")
     if rank <= 0:
         raise ConfigError(f"model.lora_rank must be a positive integer, got {rank}.")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"model.lora_dropout must be in [0, 1), got {dropout}.")
-    return LoraConfig(
-        r=rank,
-        lora_alpha=rank if alpha is None else alpha,
-        lora_dropout=dropout,
-        init_lora_weights="gaussian",
-        target_modules=list(target_modules),
-    )
+    alpha = rank if alpha is None else alpha
+    targets = list(target_modules)
+    if adapter in ("lora", "dora"):
+        kw = {"use_dora": True} if adapter == "dora" else {}  # plain LoRA's config exactly as before
+        return LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets, **kw
+        )
+    if dropout:
+        raise ConfigError(
+            f"model.lora_dropout {dropout} applies to the lora and dora adapters; model.adapter {adapter} has no "
+            "dropout on its branch here. Set model.lora_dropout 0."
+        )
+    config_class = LoHaConfig if adapter == "loha" else LoKrConfig
+    # init_weights=True: one factor starts at zero, so the adapted model starts as the base model (as LoRA's B = 0).
+    return config_class(r=rank, alpha=alpha, target_modules=targets, init_weights=True)
 
 
-def inject_lora(model: nn.Module, config: LoraConfig) -> None:
-    """Add a trainable LoRA adapter to a frozen diffusers UNet or transformers text encoder, in place.
+def adapter_kind(config: PeftConfig) -> str:
+    """``lora``, ``dora``, ``loha`` or ``lokr``: the ``model.adapter`` that made a peft config."""
+    if isinstance(config, LoraConfig):
+        return "dora" if config.use_dora else "lora"
+    return "loha" if isinstance(config, LoHaConfig) else "lokr"
+
+
+def is_adapter_weight(name: str) -> bool:
+    """Whether a parameter name is an adapter's weight (any of the four kinds)."""
+    return any(prefix in name for prefix in _WEIGHT_PREFIX.values())
+
+
+def inject_lora(model: nn.Module, config: PeftConfig) -> None:
+    """Add a trainable adapter (LoRA, DoRA, LoHa or LoKr) to a frozen diffusers UNet or transformers text encoder, in
+    place.
 
     The base weights stay frozen; the adapter's weights are made float32 so they train in full precision even when the
     base model is held in half precision.
     """
     model.requires_grad_(False)
     add_adapter(model, config, "default")
+    prefix = _WEIGHT_PREFIX[type(config)]
     for name, param in model.named_parameters():
-        if "lora_" in name:
+        if prefix in name:
             param.requires_grad_(True)
             param.data = param.data.float()
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(
-            f"LoRA target modules {sorted(config.target_modules)} matched no layer of {type(model).__name__}."
+            f"Adapter target modules {sorted(config.target_modules)} matched no layer of {type(model).__name__}."
         )
 
 
@@ -119,12 +168,15 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def lora_metadata(model: nn.Module) -> dict:
     """The adapter's config (rank, alpha, targets), stored in the safetensors header so alpha survives a reload."""
     config = model.peft_config["default"]
-    return {
+    metadata = {
         "r": config.r,
         "lora_alpha": config.lora_alpha,
         "target_modules": sorted(config.target_modules),
         "lora_dropout": config.lora_dropout,
     }
+    if config.use_dora:  # diffusers builds the LoraConfig from this header: DoRA must say so (plain LoRA's unchanged)
+        metadata["use_dora"] = True
+    return metadata
 
 
 def resolve_lora_file(path: str | Path, option: str = "model.lora_weights") -> Path:
@@ -149,7 +201,27 @@ def resolve_lora_file(path: str | Path, option: str = "model.lora_weights") -> P
             f"{option}: {str(path)!r} holds a full fine-tune ({PIPELINE_DIRNAME}/), not LoRA weights: render it with "
             f"--model.pretrained_model_name_or_path {path / PIPELINE_DIRNAME} instead."
         )
+    adapter = _exported_adapter(path)
+    if adapter in ("loha", "lokr"):
+        raise InputFileError(f"{option}: {str(path)!r} {lycoris_export_note(adapter)}")
     raise InputNotFoundError(f"{option}: the folder {str(path)!r} holds no {LORA_WEIGHT_NAME}.")
+
+
+def _exported_adapter(folder: Path) -> str | None:
+    """The adapter an export folder's info file names (written for dora, loha and lokr), else None."""
+    try:
+        return json.loads((folder / INFO_NAME).read_text()).get("adapter")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def lycoris_export_note(adapter: str) -> str:
+    """What a LoHa / LoKr export is for, and how to render the run here instead."""
+    return (
+        f"holds a {adapter} export ({KOHYA_WEIGHT_NAME}: LyCORIS key names for AUTOMATIC1111 and ComfyUI), which "
+        "diffusers does not load. Render or evaluate the run from its checkpoint instead: "
+        f"--ckpt_path <run dir>/checkpoints/last.ckpt --model.adapter {adapter} (with the run's other model settings)."
+    )
 
 
 def load_lora_file(unet: nn.Module, text_encoder: nn.Module, path: str | Path, adapter_name: str = "default") -> None:

@@ -3,7 +3,10 @@
 - The kohya format (``lora_unet_*`` / ``lora_te_*`` modules with ``lora_down``, ``lora_up`` and ``alpha``) that
   AUTOMATIC1111 and ComfyUI load: diffusers' ``convert_state_dict_to_kohya`` renames the peft weights; here the
   SD 1.x text-encoder prefix (``lora_te_``, where diffusers writes SDXL's ``lora_te1_``) and the trained alphas
-  (diffusers writes alpha = rank) are set.
+  (diffusers writes alpha = rank) are set. DoRA adds each module's ``dora_scale``.
+- LyCORIS' names for LoHa (``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b``, ``alpha``) and LoKr
+  (``lokr_w1`` or ``lokr_w1_a`` / ``lokr_w1_b``, ``lokr_w2`` or ``lokr_w2_a`` / ``lokr_w2_b``, ``alpha``) under the same
+  ``lora_unet_*`` / ``lora_te_*`` module names, which AUTOMATIC1111 and ComfyUI load (diffusers does not).
 - :func:`load_lora_into_pipeline`: a diffusers or kohya LoRA file is checked against the pipeline's UNet and text
   encoder (model family, layer names, layer shapes) before it is loaded as diffusers' ``load_lora_weights`` loads it,
   so a LoRA made for another architecture fails with a message that names the file and the mismatch.
@@ -11,20 +14,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya, convert_state_dict_to_peft
 from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+from peft.tuners.lokr import LoKrLayer
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lightning_modules.errors import InputFileError, InputNotFoundError
 from lightning_modules.export_layout import LORA_WEIGHT_NAME
-from lightning_modules.lora import load_lora_weights
+from lightning_modules.lora import adapter_kind, load_lora_weights
 
 ADAPTER = "default"
 TEXT_MODEL = "text_model."
@@ -59,14 +65,45 @@ def _alphas(model: nn.Module, kohya_prefix: str, add_text_model: bool = False) -
     return alphas
 
 
+def kohya_layers(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, BaseTunerLayer]:
+    """Kohya / LyCORIS module name (``lora_unet_<name with _>``, ``lora_te_text_model_<...>``) -> peft adapter layer,
+    for every layer of the UNet (and text encoder) that holds the trained adapter."""
+    layers = {}
+    for model, prefix in ((unet, "lora_unet_"), (text_encoder, "lora_te_")):
+        for name, module in model.named_modules() if model is not None else []:
+            if isinstance(module, BaseTunerLayer) and ADAPTER in getattr(module, "r", {}):
+                if prefix == "lora_te_" and not name.startswith(TEXT_MODEL):  # kohya's CLIP names have the level
+                    name = TEXT_MODEL + name
+                layers[prefix + name.replace(".", "_")] = module
+    return layers
+
+
+def dora_scale_for_file(layer: LoraLayer) -> Tensor:
+    """A DoRA layer's magnitude as the ``dora_scale`` a kohya file carries, (out, 1, ...) on the output axis.
+
+    peft's DoRA weight is ``m / ||W + dW|| * (W + dW)``, the norm taken per output row (dW = scale * B A). ComfyUI
+    (``weight_decompose``, output-axis case: ``dora_scale.shape[0]`` is the output size) computes
+    ``(W + dW) * dora_scale / ||W||``, the norm of the base weight W, not of W + dW. The file's scale is therefore
+    ``m * ||W|| / ||W + dW||``, so that ComfyUI renders the trained weight (for this base model).
+    """
+    base = layer.get_base_layer().weight.detach().float()
+    merged = base + layer.get_delta_weight(ADAPTER).detach().float().reshape(base.shape)
+    magnitude = layer.lora_magnitude_vector[ADAPTER].weight.detach().float().reshape(-1)
+    rows = lambda w: w.reshape(w.shape[0], -1).norm(dim=1)  # noqa: E731
+    scale = magnitude * rows(base) / rows(merged)
+    return scale.reshape(base.shape[0], *[1] * (base.dim() - 1)).contiguous()
+
+
 def kohya_lora_state_dict(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, Tensor]:
-    """The UNet (and text-encoder) adapters in kohya's format, with the trained alpha of each module."""
+    """The UNet (and text-encoder) adapters in kohya's format, with the trained alpha of each module (and DoRA's
+    ``dora_scale``)."""
     peft = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet, save_embedding_layers=False).items()}
     alphas = _alphas(unet, "lora_unet_")
     if text_encoder is not None:
         te = with_text_model_prefix(get_peft_model_state_dict(text_encoder, save_embedding_layers=False))
         peft |= {f"text_encoder.{k}": v for k, v in te.items()}
         alphas |= _alphas(text_encoder, "lora_te_", add_text_model=True)
+    peft = {k: v for k, v in peft.items() if "lora_magnitude_vector" not in k}  # DoRA: dora_scale, below
     kohya = {}
     for key, value in convert_state_dict_to_kohya(peft).items():
         if key.startswith("lora_te1_"):  # diffusers names the first text encoder as in SDXL; SD 1.x tools use lora_te_
@@ -76,25 +113,58 @@ def kohya_lora_state_dict(unet: nn.Module, text_encoder: nn.Module | None = None
         if module not in alphas:
             raise KeyError(f"No LoRA layer found for the kohya module {module!r}.")
         kohya[f"{module}.alpha"] = torch.tensor(float(alphas[module]))
+    for module, layer in kohya_layers(unet, text_encoder).items():
+        if layer.use_dora.get(ADAPTER):
+            kohya[f"{module}.dora_scale"] = dora_scale_for_file(layer)
     return kohya
+
+
+def lycoris_state_dict(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, Tensor]:
+    """LoHa / LoKr adapters under LyCORIS' key names, as AUTOMATIC1111 and ComfyUI read them.
+
+    peft's weights have LyCORIS' names and shapes; each module's update is ``(w1_a w1_b) * (w2_a w2_b) * alpha / r``
+    (LoHa, ``r`` = ``hada_w1_b``'s rows) or ``kron(w1, w2) * alpha / r`` (LoKr). For LoKr, those tools take
+    ``r`` from ``lokr_w2_b`` (or ``lokr_w1_b``) and scale by 1 when neither factor is decomposed; peft scales by
+    alpha / r always, so then the scale is folded into ``lokr_w1``.
+    """
+    state = {}
+    for module, layer in kohya_layers(unet, text_encoder).items():
+        for name in layer.adapter_layer_names:
+            weights = getattr(layer, name)
+            if ADAPTER in weights:
+                state[f"{module}.{name}"] = weights[ADAPTER].detach().float().contiguous()
+        if any(k.endswith(("hada_t1", "hada_t2", "lokr_t2")) and k.startswith(module + ".") for k in state):
+            raise NotImplementedError(f"{module}: Tucker-decomposed convolution weights are not exported.")
+        alpha = float(layer.alpha[ADAPTER])
+        if isinstance(layer, LoKrLayer) and f"{module}.lokr_w1" in state and f"{module}.lokr_w2" in state:
+            state[f"{module}.lokr_w1"] = state[f"{module}.lokr_w1"] * layer.scaling[ADAPTER]
+            alpha = float(layer.r[ADAPTER])  # read by no tool here (nothing is decomposed); kept for the format
+        state[f"{module}.alpha"] = torch.tensor(alpha)
+    return state
 
 
 def save_kohya_lora(
     unet: nn.Module, text_encoder: nn.Module | None, path: str | Path, base_model: str | None = None
 ) -> Path:
-    """Write :func:`kohya_lora_state_dict` as a ``.safetensors`` with kohya's ``ss_*`` header entries."""
+    """Write :func:`kohya_lora_state_dict` (LoRA, DoRA) or :func:`lycoris_state_dict` (LoHa, LoKr) as a
+    ``.safetensors`` with kohya's ``ss_*`` header entries."""
     config = unet.peft_config[ADAPTER]
+    kind = adapter_kind(config)
+    lycoris = kind in ("loha", "lokr")
     metadata = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
         "ss_network_dim": str(config.r),
-        "ss_network_alpha": str(float(config.lora_alpha)),
+        "ss_network_alpha": str(float(config.alpha if lycoris else config.lora_alpha)),
         "ss_base_model_version": "sd_v1",
         "ss_network_train_unet_only": str(text_encoder is None),
         "modelspec.architecture": "stable-diffusion-v1/lora",
     }
+    if kind != "lora":  # plain LoRA's header as before
+        metadata["ss_network_args"] = json.dumps({"algo": kind} if lycoris else {"dora_wd": "True"})
     if base_model:
         metadata["ss_sd_model_name"] = str(base_model)
-    save_file(kohya_lora_state_dict(unet, text_encoder), str(path), metadata=metadata)
+    state = lycoris_state_dict(unet, text_encoder) if lycoris else kohya_lora_state_dict(unet, text_encoder)
+    save_file(state, str(path), metadata=metadata)
     return Path(path)
 
 

@@ -181,3 +181,18 @@ def test_concepts_and_the_plain_options_together_are_refused(run_args, tmp_path,
     (tmp_path / "both.yaml").write_text(yaml.safe_dump({"data": {"concepts": concepts}}))
     with pytest.raises(ConfigError, match="not both"):
         cli_main(run_args("--config", str(tmp_path / "both.yaml"), steps=1))
+
+
+@pytest.mark.parametrize(
+    "option, match",
+    [("--data.holdout=1", "data.holdout holds photos of one subject"), ("--data.new_tokens=[<s0>]", "data.new_tokens")],
+)
+def test_one_subject_options_with_several_concepts_are_refused(run_args, tmp_path, toy_subject_dir, option, match):
+    concepts = [
+        {"name": "ball", "instance_data_dir": str(toy_subject_dir), "instance_prompt": "a photo of sks ball"},
+        {"name": "other", "instance_data_dir": str(toy_subject_dir), "instance_prompt": "a photo of zwx ball",
+         "identifier": "zwx"},
+    ]  # fmt: skip
+    overlay = _overlay(tmp_path / "two.yaml", concepts)
+    with pytest.raises(ConfigError, match=match):
+        cli_main(run_args("--config", str(overlay), option, steps=1))
