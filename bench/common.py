@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -154,3 +155,34 @@ def toy_fit(tmp_path: Path, subject: Path, class_dir: Path, *overrides: str, ste
     with open(run_dir(cli.trainer) / "metrics.csv") as f:
         rows = {int(r["step"]): r for r in csv.DictReader(f) if r.get("val/dino")}
     return cli, rows
+
+
+def toy_bench_parser(doc: str | None, steps: int = 120, seeds: list[int] | None = None) -> argparse.ArgumentParser:
+    """The toy benchmarks' shared options: ``--steps``, ``--seeds`` and ``--out`` (a markdown file for the report)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds or [0])
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
+    return parser
+
+
+def write_report(
+    title: str, script: str, argv: list[str] | None, start: float, lines: list[str], out: Path | None
+) -> str:
+    """A benchmark's markdown report: ``title``, the machine, date, wall time since ``start`` (``time.perf_counter``)
+    and the command that reran it, then ``lines``; printed, and written atomically to ``out`` when given."""
+    args = argv if argv is not None else sys.argv[1:]
+    command = " ".join([f"OMP_NUM_THREADS=1 python {script}", *args])
+    header = [
+        f"# {title}",
+        "",
+        f"{machine()}, {time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s. Command: `{command}`",
+        "",
+    ]
+    text = "\n".join(header + lines) + "\n"
+    print(text, end="")
+    if out is not None:
+        from lightning_modules.safe_files import atomic_write_text
+
+        atomic_write_text(out, text)
+    return text

@@ -14,7 +14,6 @@ higher rates for them.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, toy_fit  # noqa: E402
+from bench.common import toy_bench_parser, toy_fit, write_report  # noqa: E402
 
 ADAPTERS = ("lora", "dora", "loha", "lokr")
 FAST = ("--model.learning_rate=4e-3", "--model.text_encoder_lr=2e-3")  # 4x the demo's rates
@@ -73,20 +72,12 @@ def measure(steps: int, seeds: list[int]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
+    parser = toy_bench_parser(__doc__, seeds=[0, 1])
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rows = measure(args.steps, args.seeds)
     steps = rows[0]["loss_steps"]
     lines = [
-        f"# bench/toy_adapters.py: LoRA, DoRA, LoHa, LoKr on the demo subject, builtin:toy-sd, {args.steps} steps",
-        "",
-        f"{machine()}, {time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s. Command: "
-        f"`{' '.join(['python bench/toy_adapters.py', *(argv if argv is not None else sys.argv[1:])])}`",
-        "",
         "The demo's fit (rank 4, alpha 4, learning rates 1e-3 / 5e-4 for UNet / text encoder, or 4x those where the "
         "row says so) with `model.adapter` set and one of "
         "the 5 photos held out (`data.holdout 1`). Toy metrics at the last validation (DINO, CLIP-I, CLIP-T higher is "
@@ -116,12 +107,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"| {adapter} | {mean['dino']:.3f} | {mean['clip_i']:.3f} | {mean['clip_t']:.3f} | {mean['pres']:.3f} | "
             f"{end:.4f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out is not None:
-        from lightning_modules.safe_files import atomic_write_text
-
-        atomic_write_text(args.out, text)
+    write_report(
+        f"bench/toy_adapters.py: LoRA, DoRA, LoHa, LoKr on the demo subject, builtin:toy-sd, {args.steps} steps",
+        "bench/toy_adapters.py",
+        argv,
+        start,
+        lines,
+        args.out,
+    )
     return rows
 
 

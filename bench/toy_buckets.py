@@ -21,7 +21,6 @@ only, learns the subject at the size it sees it.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.common import machine, toy_fit  # noqa: E402
+from bench.common import toy_bench_parser, toy_fit, write_report  # noqa: E402
 
 WIDTH, HEIGHT, BALL_X = 80, 48, 8  # the wide photos (5:3); the ball's center this far from the nearer edge
 
@@ -109,20 +108,12 @@ def measure(steps: int, seeds: list[int], num_images: int = 8) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser = toy_bench_parser(__doc__)
     parser.add_argument("--images", type=int, default=8, help="renders of the instance prompt per run")
-    parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rows = measure(args.steps, args.seeds, args.images)
     lines = [
-        f"# bench/toy_buckets.py: the demo subject near the edge of 80 x 48 photos, builtin:toy-sd, {args.steps} steps",
-        "",
-        f"{machine()}, {time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s. Command: "
-        f"`{' '.join(['OMP_NUM_THREADS=1 python bench/toy_buckets.py', *(argv if argv is not None else sys.argv[1:])])}`",
-        "",
         f"DINO: toy DINO of {args.images} renders of the instance prompt (square, and at the wide bucket's size) against the square photos the wide ones were "
         "made from, at 48 px (the whole ball; higher: the subject better learnt). val/dino: the run's last validation (against "
         "the wide photos through DINO's center crop, for reference).",
@@ -135,12 +126,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for r in rows
         ),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out is not None:
-        from lightning_modules.safe_files import atomic_write_text
-
-        atomic_write_text(args.out, text)
+    write_report(
+        f"bench/toy_buckets.py: the demo subject near the edge of 80 x 48 photos, builtin:toy-sd, {args.steps} steps",
+        "bench/toy_buckets.py",
+        argv,
+        start,
+        lines,
+        args.out,
+    )
     return rows
 
 

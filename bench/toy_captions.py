@@ -17,7 +17,6 @@ colour (4 images each, fixed seeds), scored with the toy CLIP:
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import tempfile
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import machine, toy_fit  # noqa: E402
+from bench.common import toy_bench_parser, toy_fit, write_report  # noqa: E402
 
 COLOURS = ("white", "gray", "pink", "light blue", "beige")  # the toy world's wall colours, one per photo
 
@@ -92,20 +91,12 @@ def measure(steps: int, seeds: list[int], num_images: int = 4) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser = toy_bench_parser(__doc__)
     parser.add_argument("--images", type=int, default=4, help="renders per wall colour per run")
-    parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rows = measure(args.steps, args.seeds, args.images)
     lines = [
-        f"# bench/toy_captions.py: the demo subject on 5 wall colours, builtin:toy-sd, {args.steps} steps",
-        "",
-        f"{machine()}, {time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s. Command: "
-        f"`{' '.join(['python bench/toy_captions.py', *(argv if argv is not None else sys.argv[1:])])}`",
-        "",
         f"wall control: toy CLIP, {args.images} renders of 'a sks ball, plain <colour> wall' per colour, similarity to "
         "'a ball, plain <colour> wall' minus the mean to the other colours (higher: the prompt sets the wall); "
         "DINO: val/dino before and after.",
@@ -118,12 +109,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for r in rows
         ),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out is not None:
-        from lightning_modules.safe_files import atomic_write_text
-
-        atomic_write_text(args.out, text)
+    write_report(
+        f"bench/toy_captions.py: the demo subject on 5 wall colours, builtin:toy-sd, {args.steps} steps",
+        "bench/toy_captions.py",
+        argv,
+        start,
+        lines,
+        args.out,
+    )
     return rows
 
 

@@ -13,7 +13,6 @@ photos than to the other's.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.common import machine, toy_fit  # noqa: E402
+from bench.common import toy_bench_parser, toy_fit, write_report  # noqa: E402
 from bench.toy_buckets import subject_dino  # noqa: E402
 
 NAMES = ("sks", "zwx")
@@ -85,22 +84,12 @@ def measure(steps: int, seeds: list[int], num_images: int = 8) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser = toy_bench_parser(__doc__, steps=200)
     parser.add_argument("--images", type=int, default=8, help="renders per prompt")
-    parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rows = measure(args.steps, args.seeds, args.images)
-    command = " ".join(
-        ["OMP_NUM_THREADS=1 python bench/toy_concepts.py", *(argv if argv is not None else sys.argv[1:])]
-    )
     lines = [
-        f"# bench/toy_concepts.py: two toy subjects in one run (data.concepts), builtin:toy-sd, {args.steps} steps",
-        "",
-        f"{machine()}, {time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s. Command: `{command}`",
-        "",
         f"Toy DINO of {args.images} renders of each prompt against each subject's photos (sks: the demo subject; zwx: "
         "its ball's colours permuted); val/dino/<concept>: the run's last validation of that concept.",
         "",
@@ -108,12 +97,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "|---:|---|---:|---:|---:|",
         *(f"| {r['seed']} | {r['prompt']} | {r['sks']:.4f} | {r['zwx']:.4f} | {r['val_dino']:.3f} |" for r in rows),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out is not None:
-        from lightning_modules.safe_files import atomic_write_text
-
-        atomic_write_text(args.out, text)
+    title = f"bench/toy_concepts.py: two toy subjects in one run (data.concepts), builtin:toy-sd, {args.steps} steps"
+    write_report(title, "bench/toy_concepts.py", argv, start, lines, args.out)
     return rows
 
 

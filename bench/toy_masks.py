@@ -16,7 +16,6 @@ fit (``configs/demo.yaml`` through the CLI, LoRA, prior preservation). Then each
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import tempfile
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import machine, toy_fit  # noqa: E402
+from bench.common import toy_bench_parser, toy_fit, write_report  # noqa: E402
 
 PINK = (235, 185, 200)  # the toy world's "pink" wall
 STRIPED, PLAIN = "a ball, striped pink wall", "a ball, plain pink wall"
@@ -88,20 +87,12 @@ def measure(steps: int, seeds: list[int], num_images: int = 8) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser = toy_bench_parser(__doc__)
     parser.add_argument("--images", type=int, default=8, help="renders of the instance prompt per run")
-    parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rows = measure(args.steps, args.seeds, args.images)
     lines = [
-        f"# bench/toy_masks.py: the demo subject on one striped wall, builtin:toy-sd, {args.steps} steps",
-        "",
-        f"{machine()}, {time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s. Command: "
-        f"`{' '.join(['python bench/toy_masks.py', *(argv if argv is not None else sys.argv[1:])])}`",
-        "",
         f"wall: toy CLIP similarity of {args.images} renders of the instance prompt to '{STRIPED}' minus to "
         f"'{PLAIN}' (lower: less of the wall); DINO: val/dino before and after.",
         "",
@@ -113,12 +104,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for r in rows
         ),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out is not None:
-        from lightning_modules.safe_files import atomic_write_text
-
-        atomic_write_text(args.out, text)
+    write_report(
+        f"bench/toy_masks.py: the demo subject on one striped wall, builtin:toy-sd, {args.steps} steps",
+        "bench/toy_masks.py",
+        argv,
+        start,
+        lines,
+        args.out,
+    )
     return rows
 
 
