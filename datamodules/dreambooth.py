@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.cached_dataset import CachedLatentDataset, WithTextEmbeddings, collate_latents
-from datamodules.caches import latent_cache, text_embedding_cache
+from datamodules.caches import latent_cache, text_embedding_tables
 from datamodules.captions import (
     check_caption_options,
     fill_caption,
@@ -92,6 +92,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         variant: Weight-file variant of the base model, e.g. ``fp16``. Linked from ``model.variant`` by the CLI.
         single_file_config: Configs of a single-file base model (a diffusers folder or hub id; None: its family's).
             Linked from ``model.single_file_config`` by the CLI.
+        vae: Another VAE than the base model's (class images, latent cache). Linked from ``model.vae`` by the CLI.
         class_images_batch_size: Images per pipeline call when generating class images, or ``auto``: on CUDA the
             largest batch that fits (from 32, halved on out-of-memory), on a CPU 8.
         class_images_inference_steps: Sampler (DPM-Solver++) steps per generated class image.
@@ -165,6 +166,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         revision: str | None = None,
         variant: str | None = None,
         single_file_config: str | None = None,
+        vae: str | None = None,
         class_images_batch_size: int | Literal["auto"] = "auto",
         class_images_inference_steps: int = 25,
         class_images_guidance_scale: float = 7.5,
@@ -287,6 +289,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             revision=hp.revision,
             variant=hp.variant,
             single_file_config=hp.single_file_config,
+            vae=hp.get("vae"),
             rank=rank,
             world_size=world_size,
         )
@@ -426,15 +429,21 @@ class DreamBoothDataModule(pl.LightningDataModule):
         if hp.cache_latents and hp.center_crop:
             images = dataset.instance_images + (dataset.class_images or [])
             table = latent_cache(
-                images, hp.resolution, hp.random_flip, *model, cache_dir=hp.cache_dir, single_file_config=sfc
+                images,
+                hp.resolution,
+                hp.random_flip,
+                *model,
+                cache_dir=hp.cache_dir,
+                single_file_config=sfc,
+                vae=hp.get("vae"),
             )
             data, collate = CachedLatentDataset(dataset, table), collate_latents
         prompts = dataset.training_prompts()  # one cache entry per distinct prompt
         if hp.cache_text_embeddings and prompts is None and announce:
             log.info("data.shuffle_tags is on: the captions vary without end, so the text encoder runs every step.")
         if hp.cache_text_embeddings and prompts is not None:
-            embeds = text_embedding_cache(prompts, *model, cache_dir=hp.cache_dir, single_file_config=sfc)
-            collate = WithTextEmbeddings(collate, embeds)
+            embeds, pooled = text_embedding_tables(prompts, *model, cache_dir=hp.cache_dir, single_file_config=sfc)
+            collate = WithTextEmbeddings(collate, embeds, pooled)
         return data, collate
 
     def train_dataloader(self) -> DataLoader:

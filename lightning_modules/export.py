@@ -1,7 +1,8 @@
 """Exports that other tools load, written atomically, Lightning-free, and loading them back.
 
-- LoRA: ``pytorch_lora_weights.safetensors`` in the layout diffusers' ``load_lora_weights`` reads, and
-  ``pytorch_lora_weights_kohya.safetensors`` in the kohya layout AUTOMATIC1111 and ComfyUI read.
+- LoRA: ``pytorch_lora_weights.safetensors`` in the layout the family pipeline's ``load_lora_weights`` reads
+  (SDXL: ``unet``, ``text_encoder`` and ``text_encoder_2``), and ``pytorch_lora_weights_kohya.safetensors`` in the
+  kohya layout AUTOMATIC1111 and ComfyUI read (SDXL: ``lora_unet_`` / ``lora_te1_`` / ``lora_te2_``).
 - Full fine-tune: ``pipeline/``, a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` reads, and
   (optionally) ``model.safetensors``, one file in the original SD 1.x layout (``from_single_file``, AUTOMATIC1111,
   ComfyUI); for a v-prediction model also ``model.yaml``, its original config with ``parameterization: "v"``, which
@@ -28,7 +29,7 @@ from lightning_modules.export_layout import (
 )
 from lightning_modules.families import family_of_pipeline
 from lightning_modules.ldm_config import is_v_prediction, write_ldm_config
-from lightning_modules.lora import lora_metadata, lora_state_dict
+from lightning_modules.lora import lora_metadata, lora_pipeline_class, lora_state_dict
 from lightning_modules.lora_formats import (
     load_lora_into_pipeline,
     save_kohya_lora,
@@ -61,28 +62,35 @@ def export_lora(
     revision: str | None = None,
     variant: str | None = None,
     single_file_config: str | None = None,
+    text_encoder_2: nn.Module | None = None,
 ) -> Path:
     """Write the UNet (and text-encoder, when it has one) LoRA adapters as a diffusers and a kohya LoRA file.
 
-    ``text_encoder`` may be None (a frozen text encoder that was never loaded: cached text embeddings).
+    ``text_encoder`` (and SDXL's ``text_encoder_2``) may be None (a frozen text encoder that was never loaded: cached
+    text embeddings).
 
     The base model's name (``revision``, ``variant``, ``single_file_config``) is recorded so :func:`load_export`
     can rebuild the pipeline.
     """
-    check_finite({"unet": unet, "text_encoder": text_encoder})
-    te = text_encoder is not None and has_lora(text_encoder)
+    check_finite({"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2})
+    adapters = {}  # the text encoders that hold adapters, by their name in the pipeline
+    for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is not None and has_lora(model):
+            # With the ``text_model.`` level, so that transformers < 5.6 (not flattened) finds the layers too.
+            adapters[f"{name}_lora_layers"] = with_text_model_prefix(lora_state_dict(model))
+            adapters[f"{name}_lora_adapter_metadata"] = lora_metadata(model)
     with atomic_directory(out_dir) as tmp:
-        StableDiffusionPipeline.save_lora_weights(
+        lora_pipeline_class(unet).save_lora_weights(  # the family's: SDXL's writes text_encoder_2 too
             tmp,
             unet_lora_layers=lora_state_dict(unet),
-            # With the ``text_model.`` level, so that transformers < 5.6 (not flattened) finds the layers too.
-            text_encoder_lora_layers=with_text_model_prefix(lora_state_dict(text_encoder)) if te else None,
             unet_lora_adapter_metadata=lora_metadata(unet),
-            text_encoder_lora_adapter_metadata=lora_metadata(text_encoder) if te else None,
             weight_name=LORA_WEIGHT_NAME,
             safe_serialization=True,
+            **adapters,
         )
-        save_kohya_lora(unet, text_encoder if te else None, tmp / KOHYA_WEIGHT_NAME, base_model)
+        te = text_encoder if "text_encoder_lora_layers" in adapters else None
+        te2 = text_encoder_2 if "text_encoder_2_lora_layers" in adapters else None
+        save_kohya_lora(unet, te, tmp / KOHYA_WEIGHT_NAME, base_model, te2)
         files = [LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME]
         _write_info(tmp, "lora", files, base_model, revision, variant, single_file_config)
     return Path(out_dir) / LORA_WEIGHT_NAME
@@ -97,14 +105,22 @@ def export_full(
     variant: str | None = None,
     single_file: bool = True,
     single_file_config: str | None = None,
+    text_encoder_2: nn.Module | None = None,
+    vae: str | None = None,
 ) -> Path:
-    """Write a diffusers pipeline folder: the trained UNet (and text encoder), the base model's other parts.
+    """Write a diffusers pipeline folder of the base model's family: the trained UNet (and text encoders), the base
+    model's other parts (the VAE: ``vae`` when given, as ``model.vae``).
 
-    With ``single_file`` the same weights are also written as one ``model.safetensors`` in the original layout.
+    With ``single_file`` the same weights are also written as one ``model.safetensors`` in the original layout
+    (SD 1.x / 2.x; not yet for SDXL, whose export is the diffusers folder only).
     """
     trained = {"unet": unet} | ({"text_encoder": text_encoder} if text_encoder is not None else {})
+    trained |= {"text_encoder_2": text_encoder_2} if text_encoder_2 is not None else {}
     check_finite(trained)
-    pipe = load_pipeline(base_model, revision, variant, single_file_config=single_file_config, **trained)
+    pipe = load_pipeline(base_model, revision, variant, single_file_config=single_file_config, vae=vae, **trained)
+    if single_file and family_of_pipeline(pipe).text_encoder_layout == "sdxl":
+        log.warning("The original single-file layout is not written for SDXL yet: the export is %s/.", PIPELINE_DIRNAME)
+        single_file = False
     with atomic_directory(out_dir) as tmp:
         pipe.save_pretrained(tmp / PIPELINE_DIRNAME, safe_serialization=True)
         files = [PIPELINE_DIRNAME]
@@ -143,11 +159,7 @@ def load_export(export_dir: str | Path, torch_dtype: torch.dtype = torch.float32
         raise InputNotFoundError(f"{str(folder)!r} is no export folder: it has no {INFO_NAME}.")
     info = json.loads(info_path.read_text())
     if info["kind"] == "full":
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder / PIPELINE_DIRNAME, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return load_pipeline(str(folder / PIPELINE_DIRNAME), torch_dtype=torch_dtype)
     base = info["base_model"]
     pipe = load_pipeline(
         base, info.get("revision"), info.get("variant"), torch_dtype, single_file_config=info.get("single_file_config")

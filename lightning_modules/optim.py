@@ -27,14 +27,20 @@ BNB_OPTIMIZERS = {
 
 
 def param_groups(
-    unet: nn.Module, text_encoder: nn.Module | None, learning_rate: float, text_encoder_lr: float | None
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    learning_rate: float,
+    text_encoder_lr: float | None,
+    text_encoder_2: nn.Module | None = None,
 ) -> list[dict]:
-    """One group per trained model, so the text encoder can have its own learning rate (None: not loaded)."""
+    """One group per trained model, so the text encoders can have their own learning rate (None: not loaded);
+    SDXL's second text encoder gets a group of its own, at the text encoders' rate."""
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": learning_rate, "name": "unet"}]
-    te_params = [p for p in text_encoder.parameters() if p.requires_grad] if text_encoder is not None else []
-    if te_params:
-        lr = learning_rate if text_encoder_lr is None else text_encoder_lr
-        groups.append({"params": te_params, "lr": lr, "name": "text_encoder"})
+    for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        te_params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        if te_params:
+            lr = learning_rate if text_encoder_lr is None else text_encoder_lr
+            groups.append({"params": te_params, "lr": lr, "name": name})
     if not groups[0]["params"]:
         raise ValueError("The UNet has no trainable parameter: nothing to optimize.")
     return groups

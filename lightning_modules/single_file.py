@@ -141,6 +141,12 @@ def load_single_file_pipeline(
     """
     path = Path(path)
     family = check_single_file(path)
+    if family.pipeline_class != "StableDiffusionPipeline":
+        raise InputFileError(
+            f"{str(path)!r} is an {family.label} single file, which this project does not load yet: give the model as "
+            "a diffusers folder or hub id (diffusers' StableDiffusionXLPipeline.from_single_file(...).save_pretrained "
+            "converts it)."
+        )
     config = resolve_pretrained(config or family.single_file_config)
     try:
         pipe = StableDiffusionPipeline.from_single_file(
