@@ -85,7 +85,8 @@ def render(
     ``cross_attention_kwargs``. SDXL renders at any size with its size conditioning set to that size (original and
     target size ``height`` x ``width``, no crop), as ``StableDiffusionXLPipeline`` does.
 
-    A VAE held in float32 (SDXL's own, which overflows in float16) decodes with autocast off.
+    A VAE held in float32 (SDXL's own, which overflows in float16) beside a half-precision UNet decodes the latents in
+    float32, autocast off.
 
     Args:
         control_image: (1, 3, H', W') float in [0, 1], the ControlNet condition of every image; needs a ControlNet
@@ -107,7 +108,10 @@ def render(
     control = {}
     if control_image is not None:
         control = {"image": control_image, "controlnet_conditioning_scale": settings.controlnet_conditioning_scale}
-    decode_here = pipe.vae.dtype == torch.float32 and torch.is_autocast_enabled(pipe._execution_device.type)
+    # A float32 VAE beside a half-precision UNet (or under autocast) decodes here, in float32: the pipeline would hand
+    # it half-precision latents, or autocast would run it in half precision.
+    half = torch.is_autocast_enabled(pipe._execution_device.type) or pipe.unet.dtype != torch.float32
+    decode_here = pipe.vae.dtype == torch.float32 and half
     out = pipe(
         **embeds,
         guidance_scale=settings.guidance_scale,

@@ -234,3 +234,16 @@ def test_sdxl_single_files_are_detected_and_refused_to_load_with_a_message(tmp_p
     assert detect_family(str(path)) is SDXL
     with pytest.raises(InputFileError, match=r"xl\.safetensors.*SDXL single file.*diffusers folder"):
         load_pipeline(str(path))
+
+
+def test_the_float32_vae_decodes_beside_a_half_precision_unet():
+    """SDXL's VAE stays float32 (it overflows in float16) while the UNet and text encoders run in half precision (as
+    under ``16-true`` / ``bf16-true`` rendering): the latents are decoded in float32, not handed over in half."""
+    pipe = load_pipeline(MODEL)
+    settings = SamplingSettings(num_images_per_prompt=1, guidance_scale=5.0, num_inference_steps=2)
+    full = render(pipe, [PROMPT], [0], settings, 64, 64)
+    for part in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        part.to(torch.bfloat16)
+    half = render(pipe, [PROMPT], [0], settings, 64, 64)
+    assert pipe.vae.dtype == torch.float32 and half.dtype == torch.float32
+    assert torch.isfinite(half).all() and (half - full).abs().mean() < 0.05
