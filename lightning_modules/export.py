@@ -111,16 +111,13 @@ def export_full(
     """Write a diffusers pipeline folder of the base model's family: the trained UNet (and text encoders), the base
     model's other parts (the VAE: ``vae`` when given, as ``model.vae``).
 
-    With ``single_file`` the same weights are also written as one ``model.safetensors`` in the original layout
-    (SD 1.x / 2.x; not yet for SDXL, whose export is the diffusers folder only).
+    With ``single_file`` the same weights are also written as one ``model.safetensors`` in the family's original
+    layout (SDXL: ``conditioner.embedders.0/1``).
     """
     trained = {"unet": unet} | ({"text_encoder": text_encoder} if text_encoder is not None else {})
     trained |= {"text_encoder_2": text_encoder_2} if text_encoder_2 is not None else {}
     check_finite(trained)
     pipe = load_pipeline(base_model, revision, variant, single_file_config=single_file_config, vae=vae, **trained)
-    if single_file and family_of_pipeline(pipe).text_encoder_layout == "sdxl":
-        log.warning("The original single-file layout is not written for SDXL yet: the export is %s/.", PIPELINE_DIRNAME)
-        single_file = False
     with atomic_directory(out_dir) as tmp:
         pipe.save_pretrained(tmp / PIPELINE_DIRNAME, safe_serialization=True)
         files = [PIPELINE_DIRNAME]

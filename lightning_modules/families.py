@@ -29,7 +29,13 @@ from typing import Any
 
 from lightning_modules.errors import InputFileError
 from lightning_modules.ldm_config import SD1_COND_STAGE
-from lightning_modules.sd_layout import OPENCLIP_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX
+from lightning_modules.sd_layout import (
+    OPENCLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPENCLIP_PREFIX,
+    TEXT_ENCODER_PREFIX,
+    UNET_PREFIX,
+)
 
 UNET_FIRST_CONV = UNET_PREFIX + "input_blocks.0.0.weight"  # (out, in, 3, 3) in the original layout
 
@@ -63,6 +69,7 @@ class Family:
         kohya_unet_layout: The UNet module names of kohya LoRA files: ``diffusers`` (``down_blocks_0_attentions_0``,
             as sd-scripts names SD 1.x / 2.x) or ``original`` (``input_blocks_4_1``, as sd-scripts names SDXL).
         kohya_base_model_version: kohya's ``ss_base_model_version`` header entry.
+        other_text_encoder_prefixes: Where the other text encoders' weights live in a single file (SDXL's CLIP ViT-L).
     """
 
     name: str
@@ -83,6 +90,7 @@ class Family:
     kohya_te_prefixes: tuple[str, ...] = ("lora_te_",)
     kohya_unet_layout: str = "diffusers"
     kohya_base_model_version: str = "sd_v1"
+    other_text_encoder_prefixes: tuple[str, ...] = ()
 
     def modelspec_architecture(self, v_prediction: bool) -> str:
         """The ``modelspec.architecture`` of a single file of this family (the Stability AI model spec's names)."""
@@ -121,7 +129,8 @@ SD2 = Family(
 SDXL = Family(
     name="sdxl",
     label="SDXL",
-    text_encoder_prefix="conditioner.embedders.1.model.",
+    text_encoder_prefix=SDXL_OPENCLIP_PREFIX,
+    other_text_encoder_prefixes=(SDXL_CLIP_PREFIX,),
     text_encoder_layout="sdxl",
     single_file_config="stabilityai/stable-diffusion-xl-base-1.0",
     cond_stage_config={"target": "sgm.modules.GeneralConditioner"},

@@ -163,9 +163,13 @@ def test_sdxl_lora_resume_gives_the_same_weights_bitwise(tmp_path, toy_subject_d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_full_fine_tune_with_a_separate_vae_exports_a_diffusers_folder(tmp_path, toy_subject_dir, lora_run):
+def test_full_fine_tune_with_a_separate_vae_exports_a_diffusers_folder_and_one_file(
+    tmp_path, toy_subject_dir, lora_run
+):
     """A full UNet fine-tune with ``model.vae`` (a VAE folder of its own, here SDXL's with ``force_upcast`` off as in
-    the fp16-fix VAE): the export is a StableDiffusionXLPipeline folder with the trained UNet and that VAE."""
+    the fp16-fix VAE): the export is a StableDiffusionXLPipeline folder with the trained UNet and that VAE, and the same
+    weights as one file in the original SDXL layout, which diffusers' from_single_file reads back to identical weights
+    (and which is a base model here too)."""
     _, lora_tmp = lora_run
     vae_dir = tmp_path / "vae"
     shutil.copytree(Path(check_model_path(MODEL)) / "vae", vae_dir)
@@ -177,7 +181,6 @@ def test_full_fine_tune_with_a_separate_vae_exports_a_diffusers_folder(tmp_path,
         steps=1, class_dir=lora_tmp / "class",
     )  # fmt: skip
     export = run_dir(cli.trainer) / "export"
-    assert not (export / "model.safetensors").exists()  # the original SDXL single-file layout is not written yet
     pipe = load_pipeline(str(export / "pipeline"))
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert pipe.vae.config.force_upcast is False  # the separate VAE went into the export
@@ -186,6 +189,18 @@ def test_full_fine_tune_with_a_separate_vae_exports_a_diffusers_folder(tmp_path,
     assert trained.keys() == exported.keys() and all(torch.equal(trained[k], exported[k]) for k in trained)
     base = load_pipeline(MODEL).unet.state_dict()
     assert any(not torch.equal(base[k], exported[k]) for k in base)  # the UNet trained
+    with safe_open(str(export / "model.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    for prefix in ("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.transformer.",
+                   "model.diffusion_model.label_emb.0.0.", "first_stage_model."):  # fmt: skip
+        assert any(k.startswith(prefix) for k in keys), prefix
+    assert "conditioner.embedders.1.model.text_projection" in keys
+    single = load_pipeline(str(export / "model.safetensors"), single_file_config=MODEL)
+    assert type(single).__name__ == "StableDiffusionXLPipeline"
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(pipe, part).state_dict(), getattr(single, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
 def test_batches_carry_each_rows_size_and_crop_and_sdxl_reads_them(tmp_path):
@@ -218,9 +233,9 @@ def test_sdxl_configs_load(name, capsys):
     assert "vae" in config["model"]
 
 
-def test_sdxl_single_files_are_detected_and_refused_to_load_with_a_message(tmp_path):
-    """An SDXL base single file is told from its keys (SDXL, not refused as another family), but loading one is not
-    done yet: a clear error that says how to convert it, before any weights load."""
+def test_sdxl_single_files_are_detected_and_checked_for_both_text_encoders(tmp_path):
+    """An SDXL base single file is told from its keys (SDXL, not refused as another family); one without the first
+    text encoder's weights is named incomplete before any weights load."""
     from safetensors.torch import save_file
 
     from lightning_modules.errors import InputFileError
@@ -232,8 +247,13 @@ def test_sdxl_single_files_are_detected_and_refused_to_load_with_a_message(tmp_p
     path = tmp_path / "xl.safetensors"
     save_file({k: torch.zeros(8, 4, 3, 3) if "input_blocks" in k else torch.zeros(1) for k in keys}, str(path))
     assert detect_family(str(path)) is SDXL
-    with pytest.raises(InputFileError, match=r"xl\.safetensors.*SDXL single file.*diffusers folder"):
-        load_pipeline(str(path))
+    partial = tmp_path / "partial.safetensors"
+    save_file(
+        {k: torch.zeros(8, 4, 3, 3) if "input_blocks" in k else torch.zeros(1) for k in keys if "embedders.0" not in k},
+        str(partial),
+    )
+    with pytest.raises(InputFileError, match=r"partial\.safetensors.*complete SDXL.*first text encoder"):
+        load_pipeline(str(partial), single_file_config=MODEL)
 
 
 def test_the_float32_vae_decodes_beside_a_half_precision_unet():
