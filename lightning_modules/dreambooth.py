@@ -57,7 +57,7 @@ from lightning_modules.optim import (
 from lightning_modules.pipeline import build_pipeline
 from lightning_modules.rng_state import capture_rng_states, restore_rng_states
 from lightning_modules.sampling import SamplingSettings, image_seed, render
-from lightning_modules.sd_loading import SDComponents, load_components, load_parts
+from lightning_modules.sd_loading import SDComponents, check_vae_path, load_components, load_parts
 
 # Lightning precision setting -> dtype in which the frozen modules are held and run.
 FROZEN_DTYPES = {
@@ -254,6 +254,8 @@ class DreamBoothModule(pl.LightningModule):
             raise ConfigError(f"model.nan_policy must be 'stop' or 'skip', got {nan_policy!r}.")
         if lora_weights:
             resolve_lora_file(lora_weights)  # a missing export fails here, before any weight loads
+        if vae:
+            check_vae_path(vae)  # a local path that holds no VAE fails here, before any work
         # Not a saved hyperparameter: LightningCLI restores those from a checkpoint on resume, and this one must be
         # changeable then (a run stopped by a NaN resumes with nan_policy=skip).
         self.save_hyperparameters(ignore=["nan_policy"])

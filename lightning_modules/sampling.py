@@ -26,8 +26,8 @@ class SamplingSettings:
         sampler: ``dpm++`` (DPM-Solver++ multistep), ``ddim``, ``euler_a`` (Euler ancestral) or ``pndm``.
         lora_scale: Strength of the UNet's LoRA update when rendering (0 renders the base UNet). Also the text
             encoder's, unless ``lora_text_encoder_scale`` is set.
-        lora_text_encoder_scale: Strength of the text encoder's LoRA update; null uses ``lora_scale``. Both at 0
-            render the base model.
+        lora_text_encoder_scale: Strength of the text encoder's LoRA update (SDXL: both text encoders'); null uses
+            ``lora_scale``. Both at 0 render the base model.
         controlnet_conditioning_scale: Weight of the ControlNet residuals (with ``model.controlnet``; 0 ignores the
             condition image).
     """

@@ -43,7 +43,7 @@ class SDComponents:
     # not loaded.
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: CLIPTokenizer | None = None
-    vae_scale_factor: int = field(default=8)  # pixels per latent, from the VAE's config
+    vae_scale_factor: int = field(default=8)  # pixels per latent, from the VAE's config (read where it is needed)
 
     def tokenizer_list(self) -> list[CLIPTokenizer]:
         """The tokenizer of each of the family's text encoders, in order."""
@@ -152,32 +152,50 @@ def load_parts(
     return loaded
 
 
+def check_vae_path(vae: str) -> tuple[str, str | None]:
+    """(path or hub id, subfolder) of a separate VAE (``model.vae``), without loading it; a local path that holds no
+    VAE fails here, naming the option. Built-in names resolve (and build) first."""
+    path = resolve_pretrained(vae)
+    looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
+    if not looks_local:
+        return path, None  # a hub id
+    if not os.path.exists(path):
+        raise InputNotFoundError(f"model.vae: {vae!r} does not exist; give a diffusers VAE folder or a hub id.")
+    if not os.path.isdir(path):
+        raise InputFileError(f"model.vae: {vae!r} is a file; give a diffusers VAE folder (config.json) or a hub id.")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path, None
+    if os.path.isfile(os.path.join(path, "vae", "config.json")):
+        return path, "vae"  # a whole diffusers model: its VAE
+    raise InputFileError(f"model.vae: {vae!r} holds no VAE (no config.json, nor vae/config.json).")
+
+
 def load_vae(vae: str) -> AutoencoderKL:
     """A separate VAE (``model.vae``): a diffusers VAE folder (``config.json`` and weights), a hub id such as
     ``madebyollin/sdxl-vae-fp16-fix``, or a diffusers model folder / ``builtin:<name>`` whose ``vae/`` is taken."""
-    path = resolve_pretrained(vae)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputFileError(f"model.vae: {vae!r} is a file; give a diffusers VAE folder (config.json) or a hub id.")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        if os.path.isfile(os.path.join(path, "vae", "config.json")):
-            return AutoencoderKL.from_pretrained(path, subfolder="vae")
-        raise InputFileError(f"model.vae: {vae!r} holds no VAE (no config.json, nor vae/config.json).")
-    if (os.path.isabs(path) or path.startswith(".")) and not os.path.exists(path):
-        raise InputNotFoundError(f"model.vae: {vae!r} does not exist; give a diffusers VAE folder or a hub id.")
-    return AutoencoderKL.from_pretrained(path)
+    path, subfolder = check_vae_path(vae)
+    return AutoencoderKL.from_pretrained(path, subfolder=subfolder)
 
 
-def vae_scale_factor(pretrained_model_name_or_path: str, revision: str | None = None, vae: str | None = None) -> int:
-    """Pixels per latent of the model's VAE (or of ``vae``), read from its config without loading weights."""
+def vae_scale_factor(
+    pretrained_model_name_or_path: str,
+    revision: str | None = None,
+    vae: str | None = None,
+    single_file_config: str | None = None,
+) -> int:
+    """Pixels per latent of the model's VAE (or of ``vae``), read from its config without loading weights; 8 (every
+    released Stable Diffusion VAE's) when the config cannot be had."""
     if vae:
-        path, subfolder = resolve_pretrained(vae), None
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            subfolder = "vae"
+        path, subfolder = check_vae_path(vae)
     else:
         path, subfolder = check_model_path(pretrained_model_name_or_path, revision), "vae"
-        if os.path.isfile(path):
-            return 8  # every single-file family's VAE downsamples by 8
-    config = AutoencoderKL.load_config(path, subfolder=subfolder, revision=None if vae else revision)
+        if os.path.isfile(path):  # a single file: the configs it is read with
+            family = detect_family(path) or SD1
+            path = resolve_pretrained(single_file_config or family.single_file_config)
+    try:
+        config = AutoencoderKL.load_config(path, subfolder=subfolder, revision=None if vae else revision)
+    except (OSError, ValueError):
+        return 8
     return 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
 
 
@@ -211,11 +229,11 @@ def load_components(
     names = [*family.tokenizers, "unet", "noise_scheduler"] + ["vae"] * with_vae
     names += list(family.text_encoders) * with_text_encoder
     loaded = load_parts(pretrained_model_name_or_path, names, revision, variant, single_file_config, vae)
-    factor = (
-        2 ** (len(loaded["vae"].config.block_out_channels) - 1)
-        if "vae" in loaded
-        else vae_scale_factor(pretrained_model_name_or_path, revision, vae)
-    )
+    factor = 8  # only a UNet with added size conditioning (SDXL) needs the image size of its latents
+    if "vae" in loaded:
+        factor = 2 ** (len(loaded["vae"].config.block_out_channels) - 1)
+    elif family.added_conditioning is not None:
+        factor = vae_scale_factor(pretrained_model_name_or_path, revision, vae, single_file_config)
     return SDComponents(
         tokenizer=loaded["tokenizer"],
         text_encoder=loaded.get("text_encoder"),

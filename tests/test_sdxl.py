@@ -267,3 +267,14 @@ def test_the_float32_vae_decodes_beside_a_half_precision_unet():
     half = render(pipe, [PROMPT], [0], settings, 64, 64)
     assert pipe.vae.dtype == torch.float32 and half.dtype == torch.float32
     assert torch.isfinite(half).all() and (half - full).abs().mean() < 0.05
+
+
+def test_a_missing_vae_is_named_before_any_work(tmp_path, capsys):
+    from tests.conftest import fit_args
+    from train import main
+
+    args = fit_args(tmp_path / "runs", tmp_path, tmp_path / "class", f"--model.vae={tmp_path / 'no_vae'}", steps=1)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: model.vae: {str(tmp_path / 'no_vae')!r} does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "class").exists()  # no class image was made
