@@ -278,3 +278,20 @@ def test_a_missing_vae_is_named_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: model.vae: {str(tmp_path / 'no_vae')!r} does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "class").exists()  # no class image was made
+
+
+def test_dreambench_test_renders_and_scores_an_sdxl_lora(lora_run, tmp_path, toy_subject_dir):
+    """``test`` (the DreamBench protocol) on the run's own subject with the SDXL LoRA export: a complete report."""
+    cli, _ = lora_run
+    export = run_dir(cli.trainer) / "export"
+    test = cli_main(
+        ["test", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--model.pretrained_model_name_or_path={MODEL}",
+         f"--model.lora_weights={export}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+         "--trainer.default_root_dir", str(tmp_path / "runs"), "--data.instance_data_dir", str(toy_subject_dir),
+         "--data.class_noun=ball", "--data.eval_num_prompts=1", "--data.eval_num_images=2",
+         "--model.sampling.num_inference_steps=2", "--evaluation.dirname", str(tmp_path / "eval")]
+    )  # fmt: skip
+    assert test.trainer.state.finished
+    report = json.loads(next((tmp_path / "eval").rglob("report.json")).read_text())
+    (subject,) = report["subjects"].values()
+    assert subject["images"] == 2 and all(np.isfinite(subject[m]) for m in ("dino", "clip_i", "clip_t"))
