@@ -481,7 +481,9 @@ class DreamBoothModule(pl.LightningModule):
                 )
             return TextConditioning(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"))
         names = self.parts.family.text_encoders
-        encoders = [getattr(self, name) if train_te else self.frozen(name) for name in names]
+        if not train_te:
+            self._hold_frozen(list(names))  # loaded together: a single file is read once for both of SDXL's
+        encoders = [getattr(self, name) for name in names]
         with torch.set_grad_enabled(train_te):
             return encode_prompts(self.parts.family, self.parts.tokenizer_list(), encoders, batch["prompts"])
 
