@@ -420,12 +420,9 @@ class DreamBoothModule(pl.LightningModule):
         parts, hp = self.parts, self.hparams
         latents = self._latents(batch)  # (B, 4, h, w)
         noisy_latents, noise, timesteps = draw_noisy_inputs(parts.noise_scheduler, latents, self.loss_recipe)
-        text = self._text_conditioning(batch)  # (B, 77, D) context; SDXL: and (B, P) pooled
-        target_size = tuple(s * parts.vae_scale_factor for s in latents.shape[-2:])
-        sizes = (batch["original_sizes"], batch["crop_top_lefts"]) if "original_sizes" in batch else None
-        extra = unet_conditioning(parts.family, text, sizes, target_size)  # SDXL's added conditioning, else none
+        context, extra = self.unet_condition(batch, latents)  # (B, 77, D); SDXL's added conditioning, else none
         x = to_memory_format(noisy_latents, hp.channels_last)
-        model_pred = self.unet(x, timesteps, text.context, **extra).sample
+        model_pred = self.unet(x, timesteps, context, **extra).sample
         target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
         weights = loss_row_weights(parts.noise_scheduler, timesteps, self.loss_recipe)  # None unless min-SNR
         loss_weight = batch.get("loss_weight")  # per-pixel loss masks, or None
@@ -469,6 +466,15 @@ class DreamBoothModule(pl.LightningModule):
             with torch.autocast(self.device.type, enabled=False):
                 return encode_latents(vae, batch["pixel_values"]).float()
         return encode_latents(vae, batch["pixel_values"]).float()
+
+    def unet_condition(self, batch: DreamBoothBatch, latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """What the UNet is conditioned on besides the noisy latents and timesteps: the (B, 77, D) text context, and
+        the keyword arguments of the family's added conditioning (SDXL: the pooled embedding and each row's time ids,
+        from the batch's sizes and crops and the latents' image size; none for SD 1.x / 2.x)."""
+        text = self._text_conditioning(batch)
+        target_size = tuple(side * self.parts.vae_scale_factor for side in latents.shape[-2:])
+        sizes = (batch["original_sizes"], batch["crop_top_lefts"]) if "original_sizes" in batch else None
+        return text.context, unet_conditioning(self.parts.family, text, sizes, target_size)
 
     def _text_conditioning(self, batch: DreamBoothBatch) -> TextConditioning:
         """The UNet's text conditioning: cached embeddings, or the text encoders' (with grad when they train)."""

@@ -45,11 +45,12 @@ class Family:
     """What differs between base-model families, in one place.
 
     Attributes:
-        name: Short name (``sd1``, ``sd2``), as in messages and file metadata.
+        name: Short name (``sd1``, ``sd2``, ``sdxl``), as in messages and file metadata.
         label: The family as people call it.
-        text_encoder_prefix: Where the text encoder's weights live in an original-layout single file.
-        text_encoder_layout: ``clip`` (transformers' CLIP names under ``transformer.``) or ``openclip`` (OpenCLIP's
-            ``resblocks`` with fused q/k/v projections), as the original checkpoints store them.
+        text_encoder_prefix: Where the (last) text encoder's weights live in an original-layout single file.
+        text_encoder_layout: ``clip`` (transformers' CLIP names under ``transformer.``), ``openclip`` (OpenCLIP's
+            ``resblocks`` with fused q/k/v projections) or ``sdxl`` (both: ``conditioner.embedders.0`` / ``.1``), as the
+            original checkpoints store them.
         single_file_config: The diffusers model whose configs describe a single file of this family by default
             (``model.single_file_config``).
         cond_stage_config: The text encoder in the original (latent-diffusion) model config, as AUTOMATIC1111 reads it.
@@ -133,7 +134,7 @@ SDXL = Family(
     other_text_encoder_prefixes=(SDXL_CLIP_PREFIX,),
     text_encoder_layout="sdxl",
     single_file_config="stabilityai/stable-diffusion-xl-base-1.0",
-    cond_stage_config={"target": "sgm.modules.GeneralConditioner"},
+    cond_stage_config={"target": "sgm.modules.GeneralConditioner"},  # (no .yaml is written: SDXL is epsilon)
     pipeline_class="StableDiffusionXLPipeline",
     pipeline_options={"add_watermarker": False},  # the invisible watermark needs a package we do not ship
     text_encoders=("text_encoder", "text_encoder_2"),  # CLIP ViT-L, OpenCLIP bigG (with projection)
