@@ -81,7 +81,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             ``"a photo of dog"``.
         with_prior_preservation: Add class images to each batch (the DreamBooth prior-preservation loss).
         num_class_images: How many class images to train with; missing ones are generated.
-        resolution: Side of the square training images in pixels (a multiple of 8; 512 for SD 1.x).
+        resolution: Side of the square training images in pixels (a multiple of 8; 512 for SD 1.x, 1024 for SDXL).
         center_crop: Center crop after resizing the shorter side to ``resolution``; otherwise a random crop.
         random_flip: Flip images horizontally with probability 0.5.
         batch_size: Instance images per batch (as many class images are added with prior preservation).

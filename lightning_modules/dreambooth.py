@@ -121,8 +121,8 @@ class DreamBoothModule(pl.LightningModule):
         revision: Hub revision (branch, tag or commit) of the base model.
         variant: Weight-file variant of the base model, e.g. ``fp16``.
         single_file_config: For a single-file base model: a diffusers folder, hub id or ``builtin:<name>`` whose
-            configs (architecture, tokenizer, scheduler) describe it; None: its family's (SD 1.5's or SD 2.1's, the
-            family told from the file's keys). A hub id's config files must be in the local cache when offline.
+            configs (architecture, tokenizer, scheduler) describe it; None: its family's (SD 1.5's, SD 2.1's or SDXL
+            base 1.0's, the family told from the file's keys). A hub id's config files must be in the local cache when offline.
         vae: Another VAE than the base model's: a diffusers VAE folder or hub id (e.g. ``madebyollin/sdxl-vae-fp16-fix``,
             which runs in float16). Without it, SDXL's own VAE, which overflows in float16, is held in float32.
         train_text_encoder: Also train the text encoder (fully, or with LoRA when ``use_lora``); SDXL: both.
