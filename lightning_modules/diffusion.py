@@ -119,6 +119,22 @@ def encode_prompts(
     return TextConditioning(torch.cat(states, dim=-1), pooled)
 
 
+def unread_text_encoder_parts(family: Family, text_encoders: Sequence[nn.Module]) -> list[nn.Module]:
+    """The parts of the text encoders that :func:`encode_prompts` never reads for this family, so that nothing trains
+    there (no gradient would reach them: DDP refuses such parameters, and training them would be wasted).
+
+    ``penultimate`` (SDXL): each encoder but the last gives only its penultimate hidden states, so its last layer and
+    final layer norm are unread; the last encoder's are read by its pooled output. ``last``: everything is read.
+    """
+    if family.text_context != "penultimate":
+        return []
+    unread = []
+    for text_encoder in text_encoders[:-1]:
+        model = getattr(text_encoder, "text_model", text_encoder)  # transformers >= 5.6 flattened CLIPTextModel
+        unread += [model.encoder.layers[-1], model.final_layer_norm]
+    return unread
+
+
 def time_ids(original_sizes: Tensor, crop_top_lefts: Tensor, target_size: tuple[int, int]) -> Tensor:
     """SDXL's size conditioning per row: (original h, original w, crop top, crop left, target h, target w).
 

@@ -24,6 +24,7 @@ from lightning_modules.diffusion import (
     encode_prompts,
     sample_latents,
     unet_conditioning,
+    unread_text_encoder_parts,
 )
 from lightning_modules.ema import TrainedWeightsEMA, check_ema_decay
 from lightning_modules.errors import CheckpointMismatchError, ConfigError
@@ -308,6 +309,8 @@ class DreamBoothModule(pl.LightningModule):
             if hp.train_text_encoder:
                 for text_encoder in text_encoders:
                     text_encoder.requires_grad_(True)
+        for module in unread_text_encoder_parts(parts.family, text_encoders):  # SDXL: the first encoder's last layer
+            module.requires_grad_(False)
         if hp.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
             if hp.train_text_encoder:

@@ -79,6 +79,27 @@ def test_lora_fit_trains_both_text_encoders_on_sdxl_class_images(lora_run):
     assert set(saved) == trained  # only what trains, text_encoder_2's adapters included
 
 
+def test_every_trained_weight_gets_a_gradient(lora_run):
+    """What DDP requires (it refuses parameters without a gradient): the first text encoder gives SDXL only its
+    penultimate hidden states, so its last layer and final norm are not trained; every weight that trains gets a
+    gradient from one step's loss."""
+    from lightning_modules.diffusion import add_noise
+
+    cli, _ = lora_run
+    module = cli.model
+    last_layer = [n for n, p in module.text_encoder.named_parameters() if ".layers.1." in n and "lora_" in n]
+    assert last_layer and not any(p.requires_grad for n, p in module.text_encoder.named_parameters() if n in last_layer)
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    latents = module._latents(batch)
+    noisy, _, timesteps = add_noise(module.parts.noise_scheduler, latents)
+    context, extra = module.unet_condition(batch, latents)
+    module.unet(noisy, timesteps, context, **extra).sample.pow(2).mean().backward()
+    trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    assert any(n.startswith("text_encoder.") for n in trained) and any(n.startswith("text_encoder_2.") for n in trained)
+    assert [n for n, p in trained.items() if p.grad is None] == []
+    module.zero_grad(set_to_none=True)
+
+
 def _render_diffusers(pipe, seed: int = 0) -> torch.Tensor:
     pipe.scheduler = make_sampler("dpm++", pipe.scheduler.config)
     out = pipe(
