@@ -34,7 +34,7 @@ class DreamBoothCLI(LightningCLI):
     """LightningCLI with the values that model and data share linked, so each is typed once."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        for name in ("pretrained_model_name_or_path", "revision", "variant", "single_file_config"):
+        for name in ("pretrained_model_name_or_path", "revision", "variant", "single_file_config", "vae"):
             parser.link_arguments(f"model.{name}", f"data.{name}")
         parser.link_arguments("data.resolution", "model.resolution")
         # A frozen text encoder's embeddings are cached by the data module; a trained one encodes every step.

@@ -77,7 +77,7 @@ class UNetReference(pl.Callback):
         with torch.no_grad():
             latents = module._latents(batch)
             noisy, noise, timesteps = add_noise(module.parts.noise_scheduler, latents)
-            context = module._text_context(batch)
+            context, extra = module.unet_condition(batch, latents)
         noisy = to_memory_format(noisy, module.hparams.channels_last)
         _sync(module)
         start = time.perf_counter()
@@ -86,7 +86,7 @@ class UNetReference(pl.Callback):
             dtype=AUTOCAST.get(module.trainer.precision),
             enabled=module.trainer.precision in AUTOCAST,
         ):
-            pred = module.unet(noisy, timesteps, context).sample
+            pred = module.unet(noisy, timesteps, context, **extra).sample
         F.mse_loss(pred.float(), noise.float()).backward()
         _sync(module)
         elapsed = time.perf_counter() - start

@@ -56,17 +56,18 @@ class DreamBoothExport(pl.Callback):
             base = (hp.pretrained_model_name_or_path, hp.revision, hp.variant)
             config = hp.get("single_file_config")
             unet, text_encoder = pl_module.unet, pl_module.text_encoder
+            text_encoder_2 = getattr(pl_module, "text_encoder_2", None)  # SDXL's second text encoder
             if gathered is not None:  # the modules hold shards: copies of the base model with the trained weights
                 unet, text_encoder = parts_with_weights(pl_module, gathered)
             if hp.use_lora:
                 emb = pl_module.new_token_state() if hasattr(pl_module, "new_token_state") else None
                 tokens = hp.get("new_tokens") if emb is not None else None
-                path = export_lora(
-                    unet, text_encoder, out, *base, single_file_config=config, embeddings=emb, new_tokens=tokens
-                )
+                kw = {"single_file_config": config, "text_encoder_2": text_encoder_2}
+                path = export_lora(unet, text_encoder, out, *base, **kw, embeddings=emb, new_tokens=tokens)
             else:
-                te = text_encoder if hp.train_text_encoder else None
-                path = export_full(unet, te, out, *base, single_file=self.single_file, single_file_config=config)
+                te, te2 = (text_encoder, text_encoder_2) if hp.train_text_encoder else (None, None)
+                kw = {"single_file_config": config, "text_encoder_2": te2, "vae": hp.get("vae")}
+                path = export_full(unet, te, out, *base, single_file=self.single_file, **kw)
         self.last_export = path
         rank_zero_info(f"Exported trained weights to {path}")
         for logger in trainer.loggers:

@@ -6,7 +6,12 @@ Which rows are prior-preservation (class) rows is said by an explicit mask, neve
 A batch carries each row's image in one of two forms: ``pixel_values`` (the VAE encodes them each step), or, when the
 latent cache is on, the VAE's latent distribution (``latent_mean``, ``latent_std``), computed once before training,
 from which the module samples ``latent_mean + latent_std * randn`` each step: the same training signal as encoding.
-With a frozen text encoder it also carries ``prompt_embeds``, computed once per distinct prompt.
+With a frozen text encoder it also carries ``prompt_embeds``, computed once per distinct prompt (and, for a family
+whose UNet takes a pooled text embedding, SDXL, ``pooled_prompt_embeds``).
+
+Every row also says where its pixels came from: ``original_sizes`` (the photo's size as read) and ``crop_top_lefts``
+(where its crop lies in the resized photo). SDXL's UNet is conditioned on them (with the target size, the batch's
+image size), as it was pretrained; the other families ignore them.
 """
 
 from typing import TypedDict
@@ -29,9 +34,13 @@ class DreamBoothBatch(_RequiredFields, total=False):
     latent_mean: Tensor  # (B, 4, H/f, W/f) float32: VAE latent mean x scaling_factor (f: the VAE's downscale)
     latent_std: Tensor  # (B, 4, H/f, W/f) float32: VAE latent std x scaling_factor
     prompt_embeds: Tensor  # (B, 77, D) float32: the frozen text encoder's last hidden states for each row's prompt
+    # (SDXL: both encoders' penultimate hidden states, concatenated on the feature axis)
+    pooled_prompt_embeds: Tensor  # (B, P) float32, SDXL with cached text embeddings: text_encoder_2's text_embeds
+    original_sizes: (
+        Tensor  # (B, 2) long: each row's photo (height, width) as read (after EXIF rotation), before resizing
+    )
+    crop_top_lefts: Tensor  # (B, 2) long: (top, left) of the row's crop in the resized photo (square crops: before any
+    # flip; aspect-ratio buckets: in the flipped image when flipped)
     loss_weight: Tensor  # (B, 1, H, W) float32 in [0, 1], only with loss masks: each pixel's weight in the row's loss
     # (instance rows: the photo's mask, cropped and flipped as the photo; class rows: ones), reduced to the latent grid
     # by the loss
-    original_sizes: Tensor  # (B, 2) long, with aspect-ratio buckets: each row's photo (height, width) as read
-    crop_top_lefts: Tensor  # (B, 2) long, with aspect-ratio buckets: (top, left) of the row's crop in the resized photo
-    # (in the flipped image when flipped); SDXL's added conditioning reads both

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from datamodules.batch import DreamBoothBatch
 from datamodules.buckets import Crop, Size, apply_crop, geometry, nearest_bucket, plan_crop, to_pixels
 from datamodules.caches import LatentTable
 from datamodules.datasets import DreamBoothDataset
@@ -189,21 +188,6 @@ class CachedBucketDataset(Dataset):
         if base.masks:
             example["instance_mask"] = self.masks[(item.instance, item.bucket)][v]
         return example
-
-
-class WithGeometry:
-    """A collate function that adds ``original_sizes`` and ``crop_top_lefts`` (B, 2) long to another's batch, in its
-    row order (instance rows, then class rows). A class, so worker processes can pickle it."""
-
-    def __init__(self, collate: Callable[[list], DreamBoothBatch]) -> None:
-        self.collate = collate
-
-    def __call__(self, examples: list) -> DreamBoothBatch:
-        batch = self.collate(examples)
-        rows = [ex["instance_geometry"] for ex in examples] + [ex["class_geometry"] for ex in examples if "class" in ex]
-        batch["original_sizes"] = torch.stack([r[0] for r in rows])  # (B, 2) long: (height, width) as read
-        batch["crop_top_lefts"] = torch.stack([r[1] for r in rows])  # (B, 2) long: (top, left) in the resized image
-        return batch
 
 
 def bucketed_dataset(

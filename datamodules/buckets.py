@@ -185,9 +185,10 @@ def to_pixels(image: Image.Image) -> Tensor:
     return F.normalize(F.to_tensor(image), [0.5], [0.5])
 
 
-def geometry(crop: Crop) -> tuple[Tensor, Tensor]:
-    """(2,) long original size (height, width) and (2,) long crop top-left (top, left) of a row."""
-    return torch.tensor(crop.original, dtype=torch.long), torch.tensor(crop.top_left, dtype=torch.long)
+def geometry(crop: Crop) -> Tensor:
+    """A row's (4,) long geometry, as every dataset's items carry it: original size (height, width) and crop top-left
+    (top, left); the collate functions stack it into the batch's ``original_sizes`` and ``crop_top_lefts``."""
+    return torch.tensor([*crop.original, *crop.top_left], dtype=torch.long)
 
 
 def bucket_pixels(image: Image.Image, bucket: Size) -> Tensor:

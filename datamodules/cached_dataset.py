@@ -14,7 +14,8 @@ from torch.utils.data import Dataset
 
 from datamodules.batch import DreamBoothBatch
 from datamodules.caches import LatentTable
-from datamodules.datasets import DreamBoothDataset, add_loss_weight
+from datamodules.datasets import DreamBoothDataset, add_loss_weight, add_size_conditioning, crop_geometry
+from datamodules.images import displayed_size
 
 LatentRow = tuple[Tensor, Tensor, str]  # (4, h, w) mean, (4, h, w) std, the row's prompt
 
@@ -34,6 +35,7 @@ class CachedLatentDataset(Dataset):
             raise ValueError(f"latent table of {tuple(table.mean.shape)} does not match the {n_images} images")
         self.dataset = dataset
         self.table = table
+        self._geometry: dict[int, Tensor] = {}  # image index -> its center crop's geometry, read on first use
         # With masks: each instance image's mask in the cached views (unflipped, flipped), (N, views, 1, H, W).
         self.masks = None
         if dataset.masks:
@@ -43,6 +45,14 @@ class CachedLatentDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def geometry(self, image_index: int) -> Tensor:
+        """(4,) long: image ``image_index``'s (height, width) and center crop (what the latents were encoded from)."""
+        if image_index not in self._geometry:
+            images = self.dataset.instance_images + (self.dataset.class_images or [])
+            size = displayed_size(images[image_index])  # from the header: no image is decoded
+            self._geometry[image_index] = crop_geometry(size, self.dataset.resolution, center_crop=True)
+        return self._geometry[image_index]
 
     def _view(self, image_index: int) -> tuple[int, Tensor, Tensor]:
         views = self.table.mean.shape[1]
@@ -54,10 +64,12 @@ class CachedLatentDataset(Dataset):
         v, *instance = self._view(i)
         prior = self._view(len(self.dataset.instance_images) + c)[1:] if c is not None else None
         example = {"instance": (*instance, self.dataset.instance_caption(i))}  # the caption's draws come last
+        example["instance_geometry"] = self.geometry(i)
         if self.masks is not None:
             example["instance_mask"] = self.masks[i, v]
         if prior is not None:
             example["class"] = (*prior, self.dataset.class_prompt)
+            example["class_geometry"] = self.geometry(len(self.dataset.instance_images) + c)
         return example
 
 
@@ -71,18 +83,26 @@ def collate_latents(examples: Sequence[dict]) -> DreamBoothBatch:
         is_prior=torch.tensor([False] * len(examples) + [True] * (len(rows) - len(examples))),  # (B,)
     )
     add_loss_weight(batch, examples)
+    add_size_conditioning(batch, examples)
     return batch
 
 
 class WithTextEmbeddings:
-    """A collate function that adds each row's cached ``prompt_embeds`` (B, 77, D) to another's batch.
+    """A collate function that adds each row's cached ``prompt_embeds`` (B, 77, D) to another's batch, and with
+    ``pooled`` (SDXL) its ``pooled_prompt_embeds`` (B, P).
 
     A class rather than a closure, so the DataLoader's worker processes can pickle it.
     """
 
-    def __init__(self, collate: Callable[[list], DreamBoothBatch], embeds: dict[str, Tensor]) -> None:
+    def __init__(
+        self,
+        collate: Callable[[list], DreamBoothBatch],
+        embeds: dict[str, Tensor],
+        pooled: dict[str, Tensor] | None = None,
+    ) -> None:
         self.collate = collate
         self.embeds = embeds
+        self.pooled = pooled
 
     def __call__(self, examples: list) -> DreamBoothBatch:
         batch = self.collate(examples)
@@ -90,4 +110,6 @@ class WithTextEmbeddings:
         if missing:
             raise KeyError(f"no cached text embedding for the prompts {missing}")
         batch["prompt_embeds"] = torch.stack([self.embeds[p] for p in batch["prompts"]])  # (B, 77, D)
+        if self.pooled is not None:
+            batch["pooled_prompt_embeds"] = torch.stack([self.pooled[p] for p in batch["prompts"]])  # (B, P)
         return batch

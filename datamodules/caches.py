@@ -5,7 +5,7 @@
   once, batched. Training samples ``mean + std * randn`` each step, which is what ``latent_dist.sample()`` does:
   the training signal is the same as encoding every step.
 - Text embeddings: with a frozen text encoder, each distinct prompt (there are two: instance and class) is
-  encoded once.
+  encoded once (SDXL: by both encoders, with the second's pooled embedding beside).
 
 Each cache is a safetensors file named by a key, the SHA-256 of everything its content depends on: for latents the
 images' bytes (in order), the resolution, crop and flip, and the VAE (base model, revision, variant, config and
@@ -193,13 +193,19 @@ def latent_cache(
     device: str | None = None,
     single_file_config: str | None = None,
     bucket: tuple[int, int] | None = None,
+    vae: str | None = None,
 ) -> LatentTable:
     """The latent distributions of ``images`` (in order), from the cache or encoded now and cached; with ``bucket``
     (height, width), each image resized to cover it and center-cropped to it (aspect-ratio buckets).
 
-    Only a miss loads the VAE (float32, on ``device``: CUDA when available); it is freed before returning.
+    Only a miss loads the VAE (float32, on ``device``: CUDA when available); it is freed before returning. ``vae``:
+    another VAE than the model's (``model.vae``).
     """
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if vae:
+        vae_fingerprint = part_fingerprint(vae, "vae", None, None) if _is_model_folder(vae) else _vae_fingerprint(vae)
+    else:
+        vae_fingerprint = part_fingerprint(pretrained_model_name_or_path, "vae", revision, variant, single_file_config)
     description = {
         "kind": "latents",
         "format": FORMAT_VERSION,
@@ -207,7 +213,7 @@ def latent_cache(
         "resolution": resolution,
         "center_crop": True,
         "random_flip": random_flip,
-        "vae": part_fingerprint(pretrained_model_name_or_path, "vae", revision, variant, single_file_config),
+        "vae": vae_fingerprint,
     }
     if bucket is not None:  # only then: the square cache's key stays what it was
         description["bucket"] = list(bucket)
@@ -216,20 +222,40 @@ def latent_cache(
     if cached is not None:
         log.info("Latent cache hit: %d images from %s.", len(images), cache_dir)
         return LatentTable(cached["mean"], cached["std"])
-    from lightning_modules.sd_loading import load_part
+    from lightning_modules.sd_loading import load_parts
 
     log.info("Building the latent cache: encoding %d images%s once.", len(images), " (and flipped)" * random_flip)
-    vae = (
-        load_part(pretrained_model_name_or_path, "vae", revision, variant, single_file_config)
-        .to(_pick_device(device))
-        .eval()
-    )
-    table = encode_latent_table(vae, images, resolution, random_flip, bucket=bucket)
-    del vae
+    model = load_parts(pretrained_model_name_or_path, ["vae"], revision, variant, single_file_config, vae)["vae"]
+    model = model.to(_pick_device(device)).eval()
+    table = encode_latent_table(model, images, resolution, random_flip, bucket=bucket)
+    del model
     _release_memory()
     description["image_paths"] = [str(p) for p in images]  # for people reading the sidecar; not part of the key
     save_cache(cache_dir, "latents", key, table._asdict(), description)
     return table
+
+
+def _is_model_folder(vae: str) -> bool:
+    from lightning_modules.builtin_models import resolve_pretrained
+
+    return (Path(resolve_pretrained(vae)) / "vae").is_dir()
+
+
+def _vae_fingerprint(vae: str) -> dict:
+    """What identifies a separate VAE (``model.vae``): a VAE folder's config and files, or a hub id's config."""
+    from lightning_modules.builtin_models import resolve_pretrained
+
+    folder = Path(resolve_pretrained(vae)).expanduser()
+    fp: dict[str, Any] = {"vae": vae}
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        fp["files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+        return fp
+    from huggingface_hub import hf_hub_download
+
+    config = Path(hf_hub_download(vae, "config.json"))
+    fp["commit"], fp["config"] = config.parent.name, json.loads(config.read_text())
+    return fp
 
 
 @torch.no_grad()
@@ -242,35 +268,52 @@ def text_embedding_cache(
     device: str | None = None,
     single_file_config: str | None = None,
 ) -> dict[str, Tensor]:
-    """Prompt -> (77, D) last hidden states of the frozen text encoder, from the cache or encoded now and cached."""
-    from lightning_modules.diffusion import encode_text, tokenize
+    """Prompt -> (77, D) context of the frozen text encoder(s), from the cache or encoded now and cached."""
+    args = (pretrained_model_name_or_path, revision, variant, cache_dir, device, single_file_config)
+    return text_embedding_tables(prompts, *args)[0]
 
+
+@torch.no_grad()
+def text_embedding_tables(
+    prompts: Sequence[str],
+    pretrained_model_name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    single_file_config: str | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """(prompt -> (77, D) context, prompt -> (P,) pooled embedding or None) of the frozen text encoder(s), as
+    :func:`lightning_modules.diffusion.encode_prompts` makes them for the model's family; from the cache or encoded
+    now and cached."""
+    from lightning_modules.diffusion import encode_prompts
+    from lightning_modules.sd_loading import check_model_path, detect_family
+
+    family = detect_family(check_model_path(pretrained_model_name_or_path, revision), revision)
+    from lightning_modules.families import SD1
+
+    family = family or SD1
     prompts = sorted(set(prompts))
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    description = {
-        "kind": "text_embeddings",
-        "format": FORMAT_VERSION,
-        "prompts": prompts,
-        "tokenizer": part_fingerprint(
-            pretrained_model_name_or_path, "tokenizer", revision, variant, single_file_config
-        ),
-        "text_encoder": part_fingerprint(
-            pretrained_model_name_or_path, "text_encoder", revision, variant, single_file_config
-        ),
-    }
+    model = (pretrained_model_name_or_path, revision, variant, single_file_config)
+    description = {"kind": "text_embeddings", "format": FORMAT_VERSION, "prompts": prompts}
+    for part in (*family.tokenizers, *family.text_encoders):  # SD 1.x / 2.x: tokenizer, text_encoder (keys as before)
+        description[part] = part_fingerprint(pretrained_model_name_or_path, part, revision, variant, single_file_config)
     key = cache_key(description)
     cached = load_cache(cache_dir, "text", key)
     if cached is None:
         from lightning_modules.sd_loading import load_parts
 
         log.info("Building the text-embedding cache: encoding %d prompts once.", len(prompts))
-        loaded = load_parts(
-            pretrained_model_name_or_path, ["tokenizer", "text_encoder"], revision, variant, single_file_config
-        )
-        tokenizer, te = loaded["tokenizer"], loaded["text_encoder"].to(_pick_device(device)).eval()
-        embeds = encode_text(te, tokenize(tokenizer, prompts)).float().cpu()  # (P, 77, D)
-        del te
+        loaded = load_parts(pretrained_model_name_or_path, [*family.tokenizers, *family.text_encoders], *model[1:])
+        encoders = [loaded[name].to(_pick_device(device)).eval() for name in family.text_encoders]
+        text = encode_prompts(family, [loaded[n] for n in family.tokenizers], encoders, prompts)
+        cached = {"embeds": text.context.float().cpu()}  # (P, 77, D)
+        if text.pooled is not None:
+            cached["pooled"] = text.pooled.float().cpu()  # (P, P_dim)
+        del encoders, loaded, text
         _release_memory()
-        cached = {"embeds": embeds}
         save_cache(cache_dir, "text", key, cached, description)
-    return {p: cached["embeds"][i] for i, p in enumerate(prompts)}
+    embeds = {p: cached["embeds"][i] for i, p in enumerate(prompts)}
+    pooled = {p: cached["pooled"][i] for i, p in enumerate(prompts)} if "pooled" in cached else None
+    return embeds, pooled

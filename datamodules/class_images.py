@@ -117,6 +117,7 @@ def generate_class_images(
     variant: str | None = None,
     device: str | None = None,
     single_file_config: str | None = None,
+    vae: str | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> int:
@@ -142,6 +143,7 @@ def generate_class_images(
         variant: Weight-file variant of the base model, e.g. ``fp16``.
         device: Device to generate on; defaults to ``cuda`` when available, else ``cpu``.
         single_file_config: Configs (diffusers folder or hub id) of a single-file base model.
+        vae: Another VAE than the base model's (``model.vae``).
         rank: This process's rank when several generate together (DDP): it makes only its share of the missing
             images (:func:`shard_missing`); rank 0 writes the record. Every rank must call this function, and when
             ``torch.distributed`` is initialized the ranks wait for each other after listing the folder, so they
@@ -185,17 +187,24 @@ def generate_class_images(
 
     from diffusers import DPMSolverMultistepScheduler
 
+    from lightning_modules.pipeline import prompt_embedding_kwargs
     from lightning_modules.sd_loading import load_pipeline
 
     device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     log.info("Generating %d class images of %r in %s on %s.", len(todo), class_prompt, class_dir, device)
-    pipe = load_pipeline(pretrained_model_name_or_path, revision, variant, dtype, single_file_config=single_file_config)
+    pipe = load_pipeline(
+        pretrained_model_name_or_path, revision, variant, dtype, single_file_config=single_file_config, vae=vae
+    )  # the family's pipeline (SDXL: StableDiffusionXLPipeline, with its size conditioning at this resolution)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)
     do_cfg = guidance_scale > 1.0
-    with torch.no_grad():
-        prompt_embeds, negative_embeds = pipe.encode_prompt(class_prompt, device, 1, do_cfg)  # (1, 77, D) each
+    with torch.no_grad():  # (1, 77, D) each, and SDXL's pooled (1, P) embeddings
+        embeds = prompt_embedding_kwargs(
+            pipe.encode_prompt(
+                prompt=class_prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg
+            )
+        )
     latent_side = resolution // pipe.vae_scale_factor
     latent_shape = (1, pipe.unet.config.in_channels, latent_side, latent_side)
     call = {"height": resolution, "width": resolution, "num_inference_steps": num_inference_steps}
@@ -208,7 +217,7 @@ def generate_class_images(
         while start < len(todo):
             chunk = todo[start : start + size]
             try:
-                images = _render(pipe, chunk, seed, prompt_embeds, negative_embeds, latent_shape, **call)
+                images = _render(pipe, chunk, seed, embeds, latent_shape, **call)
             except torch.cuda.OutOfMemoryError:
                 if batch_size != "auto" or size == 1:
                     raise
@@ -234,16 +243,14 @@ def _wait_for_all_ranks(world_size: int) -> None:
 
 
 @torch.no_grad()
-def _render(pipe, chunk: list[int], seed: int, prompt_embeds, negative_embeds, latent_shape, **call) -> list:
+def _render(pipe, chunk: list[int], seed: int, embeds: dict, latent_shape, **call) -> list:
     """The PIL images of ``chunk`` (image indices), each from the seed ``seed + i``, in one pipeline call."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     # Initial noise per image from its own CPU generator: identical on any device and for any batch size.
     latents = torch.cat(
         [torch.randn(latent_shape, generator=torch.Generator("cpu").manual_seed(seed + i)) for i in chunk]
     ).to(device, dtype)  # (b, 4, h, w)
-    return pipe(
-        prompt_embeds=prompt_embeds.repeat(len(chunk), 1, 1),  # (b, 77, D)
-        negative_prompt_embeds=negative_embeds.repeat(len(chunk), 1, 1) if negative_embeds is not None else None,
-        latents=latents,
-        **call,
-    ).images
+    repeated = {  # (b, 77, D) / (b, P) each
+        name: None if e is None else e.repeat(len(chunk), *[1] * (e.ndim - 1)) for name, e in embeds.items()
+    }
+    return pipe(latents=latents, **repeated, **call).images

@@ -19,9 +19,16 @@ from datamodules.masks import load_mask
 
 # One item: the instance image with its prompt and, only when the dataset has class images, a class image
 # with its prompt. Pixels are (3, resolution, resolution) float32 in [-1, 1].
+# Each row's geometry: (4,) long, the photo's (height, width) as read and (top, left) of its crop in the resized photo.
 DreamBoothExample = TypedDict(
     "DreamBoothExample",
-    {"instance": tuple[Tensor, str], "class": tuple[Tensor, str], "instance_mask": Tensor},  # mask: (1, H, W)
+    {
+        "instance": tuple[Tensor, str],
+        "class": tuple[Tensor, str],
+        "instance_mask": Tensor,  # (1, H, W)
+        "instance_geometry": Tensor,
+        "class_geometry": Tensor,
+    },
     total=False,
 )
 
@@ -53,6 +60,33 @@ def _resize_and_crop(resolution: int, center_crop: bool) -> list:
         transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
         transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
     ]
+
+
+def crop_geometry(
+    size: tuple[int, int], resolution: int, center_crop: bool = True, rng_before: Tensor | None = None
+) -> Tensor:
+    """(4,) long: a photo's (height, width) as read and (top, left) of its crop in the photo resized by
+    :func:`image_transform` (what SDXL's ``time_ids`` hold).
+
+    Args:
+        size: (width, height) of the photo, as PIL gives it.
+        rng_before: With a random crop, the CPU random state from before the transform ran: the crop's draws are
+            replayed from it (and the state after is restored), so nothing the transform drew changes.
+    """
+    width, height = size
+    # torchvision's Resize(int): the shorter side to ``resolution``, the longer scaled and truncated
+    if width <= height:
+        new_w, new_h = resolution, int(resolution * height / width)
+    else:
+        new_h, new_w = resolution, int(resolution * width / height)
+    if center_crop or rng_before is None:
+        top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+    else:
+        after = torch.get_rng_state()
+        torch.set_rng_state(rng_before)
+        top, left, _, _ = transforms.RandomCrop.get_params(torch.empty(0, new_h, new_w), (resolution, resolution))
+        torch.set_rng_state(after)
+    return torch.tensor([height, width, top, left], dtype=torch.long)
 
 
 def as_trained(image: Image.Image, resolution: int) -> Image.Image:
@@ -121,6 +155,7 @@ class DreamBoothDataset(Dataset):
         self.class_images = [Path(p) for p in class_images] if class_images is not None else None
         self.class_prompt = class_prompt
         self.resolution = resolution
+        self.center_crop = center_crop
         self.transform = image_transform(resolution, center_crop, random_flip)
         self.masks, self.alpha_mask = masks, alpha_mask
         self.mask_transform = mask_transform(resolution, center_crop, random_flip)
@@ -131,22 +166,27 @@ class DreamBoothDataset(Dataset):
             return len(self.instance_images)
         return max(len(self.instance_images), len(self.class_images))
 
-    def _pixels(self, path: Path) -> Tensor:
-        return self.transform(load_image(path))  # (3, resolution, resolution)
+    def _pixels(self, path: Path) -> tuple[Tensor, Tensor]:
+        """The photo's (3, resolution, resolution) pixels and its geometry (:func:`crop_geometry`)."""
+        image = load_image(path)
+        before = None if self.center_crop else torch.get_rng_state()
+        pixels = self.transform(image)
+        return pixels, crop_geometry(image.size, self.resolution, self.center_crop, before)
 
-    def _pixels_and_mask(self, path: Path) -> tuple[Tensor, Tensor]:
-        """The photo's pixels and (1, resolution, resolution) mask, cropped and flipped alike."""
+    def _pixels_and_mask(self, path: Path) -> tuple[Tensor, Tensor, Tensor]:
+        """The photo's pixels and (1, resolution, resolution) mask, cropped and flipped alike, and its geometry."""
         image = load_image(path)
         mask = load_mask(path, image.size, self.alpha_mask)
         before = torch.get_rng_state()
         pixels = self.transform(image)
+        geometry = crop_geometry(image.size, self.resolution, self.center_crop, before)
         if mask is None:
-            return pixels, torch.ones(1, *pixels.shape[1:])
+            return pixels, torch.ones(1, *pixels.shape[1:]), geometry
         after = torch.get_rng_state()
         torch.set_rng_state(before)  # the mask's random crop and flip draw what the photo's drew
         weights = self.mask_transform(mask)
         torch.set_rng_state(after)
-        return pixels, weights
+        return pixels, weights, geometry
 
     def center_mask(self, image_index: int) -> Tensor:
         """(1, resolution, resolution) mask of instance image ``image_index`` center-cropped, unflipped (what cached
@@ -184,15 +224,17 @@ class DreamBoothDataset(Dataset):
     def __getitem__(self, index: int) -> DreamBoothExample:
         i, c = self.pair_indices(index)
         if self.masks:
-            pixels, mask = self._pixels_and_mask(self.instance_images[i])
+            pixels, mask, geometry = self._pixels_and_mask(self.instance_images[i])
         else:
-            pixels, mask = self._pixels(self.instance_images[i]), None
+            (pixels, geometry), mask = self._pixels(self.instance_images[i]), None
         class_pixels = self._pixels(self.class_images[c]) if c is not None else None
         example: DreamBoothExample = {"instance": (pixels, self.instance_caption(i))}  # the caption's draws come last
+        example["instance_geometry"] = geometry
         if mask is not None:
             example["instance_mask"] = mask
         if class_pixels is not None:
-            example["class"] = (class_pixels, self.class_prompt)
+            example["class"] = (class_pixels[0], self.class_prompt)
+            example["class_geometry"] = class_pixels[1]
         return example
 
 
@@ -216,7 +258,16 @@ def collate_dreambooth(examples: Sequence[DreamBoothExample]) -> DreamBoothBatch
         is_prior=torch.tensor(is_prior, dtype=torch.bool),  # (B,)
     )
     add_loss_weight(batch, examples)
+    add_size_conditioning(batch, examples)
     return batch
+
+
+def add_size_conditioning(batch: DreamBoothBatch, examples: Sequence[dict]) -> None:
+    """The batch's ``original_sizes`` and ``crop_top_lefts`` (B, 2) from each row's geometry, instance rows first."""
+    rows = [ex["instance_geometry"] for ex in examples] + [ex["class_geometry"] for ex in examples if "class" in ex]
+    geometry = torch.stack(rows)  # (B, 4) long
+    batch["original_sizes"] = geometry[:, :2].contiguous()
+    batch["crop_top_lefts"] = geometry[:, 2:].contiguous()
 
 
 def add_loss_weight(batch: DreamBoothBatch, examples: Sequence[dict]) -> None:

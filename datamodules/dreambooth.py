@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.bucket_dataset import WithGeometry, bucketed_dataset, cached_bucket_dataset
+from datamodules.bucket_dataset import bucketed_dataset, cached_bucket_dataset
 from datamodules.buckets import assign_buckets, check_bucket_options, resolve_step
 from datamodules.cached_dataset import CachedLatentDataset, WithTextEmbeddings, collate_latents
-from datamodules.caches import latent_cache, text_embedding_cache
+from datamodules.caches import latent_cache, text_embedding_tables
 from datamodules.captions import (
     check_caption_options,
     fill_caption,
@@ -86,7 +86,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             ``"a photo of dog"``.
         with_prior_preservation: Add class images to each batch (the DreamBooth prior-preservation loss).
         num_class_images: How many class images to train with; missing ones are generated.
-        resolution: Side of the square training images in pixels (a multiple of 8; 512 for SD 1.x).
+        resolution: Side of the square training images in pixels (a multiple of 8; 512 for SD 1.x, 1024 for SDXL).
         center_crop: Center crop after resizing the shorter side to ``resolution``; otherwise a random crop.
         random_flip: Flip images horizontally with probability 0.5.
         batch_size: Instance images per batch (as many class images are added with prior preservation).
@@ -97,6 +97,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         variant: Weight-file variant of the base model, e.g. ``fp16``. Linked from ``model.variant`` by the CLI.
         single_file_config: Configs of a single-file base model (a diffusers folder or hub id; None: its family's).
             Linked from ``model.single_file_config`` by the CLI.
+        vae: Another VAE than the base model's (class images, latent cache). Linked from ``model.vae`` by the CLI.
         class_images_batch_size: Images per pipeline call when generating class images, or ``auto``: on CUDA the
             largest batch that fits (from 32, halved on out-of-memory), on a CPU 8.
         class_images_inference_steps: Sampler (DPM-Solver++) steps per generated class image.
@@ -197,6 +198,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         revision: str | None = None,
         variant: str | None = None,
         single_file_config: str | None = None,
+        vae: str | None = None,
         class_images_batch_size: int | Literal["auto"] = "auto",
         class_images_inference_steps: int = 25,
         class_images_guidance_scale: float = 7.5,
@@ -356,6 +358,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 revision=hp.revision,
                 variant=hp.variant,
                 single_file_config=hp.single_file_config,
+                vae=hp.get("vae"),
                 rank=rank,
                 world_size=world_size,
             )
@@ -562,10 +565,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
         if hp.cache_text_embeddings and prompts is None and announce:
             log.info("data.shuffle_tags is on: the captions vary without end, so the text encoder runs every step.")
         if hp.cache_text_embeddings and prompts is not None:
-            embeds = text_embedding_cache(
+            embeds, pooled = text_embedding_tables(
                 prompts, *model, cache_dir=hp.cache_dir, single_file_config=hp.single_file_config
             )
-            collate = WithTextEmbeddings(collate, embeds)
+            collate = WithTextEmbeddings(collate, embeds, pooled)
         return data, collate
 
     def _with_cached_images(self, c: ResolvedConcept, dataset: DreamBoothDataset, announce: bool = False):
@@ -584,15 +587,20 @@ class DreamBoothDataModule(pl.LightningDataModule):
                     data,
                     lambda paths, bucket: latent_cache(
                         paths, hp.resolution, hp.random_flip, *model, cache_dir=hp.cache_dir, single_file_config=sfc,
-                        bucket=bucket,
+                        bucket=bucket, vae=hp.get("vae"),
                     ),
                 )  # fmt: skip
                 collate = collate_latents
-            collate = WithGeometry(collate)
         elif hp.cache_latents and hp.center_crop:
             images = dataset.instance_images + (dataset.class_images or [])
             table = latent_cache(
-                images, hp.resolution, hp.random_flip, *model, cache_dir=hp.cache_dir, single_file_config=sfc
+                images,
+                hp.resolution,
+                hp.random_flip,
+                *model,
+                cache_dir=hp.cache_dir,
+                single_file_config=sfc,
+                vae=hp.get("vae"),
             )
             data, collate = CachedLatentDataset(dataset, table), collate_latents
         return data, collate

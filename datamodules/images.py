@@ -154,6 +154,15 @@ def load_image(path: str | Path) -> Image.Image:
         ) from e
 
 
+def displayed_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image as :func:`load_image` gives it (EXIF rotation applied), read from its header."""
+    with Image.open(path) as img:
+        width, height = img.size
+        if img.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that turn the image by 90 degrees
+            width, height = height, width
+    return width, height
+
+
 def _too_large_message(path: Path, size: str) -> str:
     return (
         f"Cannot load image {str(path)!r}: it is {size}, more than the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} "

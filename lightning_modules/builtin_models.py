@@ -7,6 +7,12 @@ No machine here reaches a model hub, so tests, the demo and memory benchmarks us
 - ``builtin:tiny-sd-v``: the same with a ``v_prediction`` scheduler.
 - ``builtin:tiny-sd2``: a tiny SD 2.x (the 2.1-768-v shape: OpenCLIP-style text encoder with ``gelu``, SD 2.x's
   padding token ``!``, linear projections in the UNet's transformers, head widths per level, ``v_prediction``).
+- ``builtin:tiny-sdxl``: a tiny SDXL base (two text encoders, CLIP-style then OpenCLIP-style with a projection, whose
+  penultimate hidden states are concatenated (32 + 48 wide); a UNet with SDXL's added ``text_time`` conditioning, its
+  dimensions consistent: 6 time ids x 8 + the 40-wide pooled embedding; SDXL's Euler scheduler config and VAE scaling
+  factor, ``force_upcast``); native size 64 px.
+- ``builtin:sdxl-random``: the real SDXL base architecture with random weights (about 14 GB in float32), for memory
+  benchmarks only. Built only when asked for.
 - ``builtin:small-sd``: a small SD 1.x (UNet channels 64-128-256 with cross-attention, VAE factor 4), native
   size 128 px, for speed benchmarks: large enough that the UNet dominates a training step.
 - ``builtin:sd15-random``: the real SD 1.5 architecture with random weights (about 4 GB in float32), for
@@ -84,6 +90,95 @@ def _tiny_sd2_configs() -> dict[str, dict[str, Any]]:
     cfg["text_encoder"].update({"hidden_act": "gelu"})  # OpenCLIP's MLP activation (OpenAI CLIP: quick_gelu)
     cfg["tokenizer"] = {"pad_token": "!"}
     return cfg
+
+
+# SDXL's scheduler (stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json: EulerDiscreteScheduler).
+SDXL_SCHEDULER: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "clip_sample": False,
+}
+SDXL_VAE = {"scaling_factor": 0.13025, "force_upcast": True}  # SDXL's VAE: another scale; overflows in float16
+TIME_IDS = 6  # original (h, w), crop (top, left), target (h, w)
+
+
+def _tiny_sdxl_configs() -> dict[str, dict[str, Any]]:
+    """A tiny SDXL base: what differs from SD 1.x in stabilityai/stable-diffusion-xl-base-1.0, at tiny size."""
+    cfg = _tiny_sd_configs()
+    te1, te2, pooled, time_dim = 32, 48, 40, 8
+    cfg["unet"].update(
+        {
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),  # no attention at the first level, as SDXL
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2),
+            "attention_head_dim": (2, 4),
+            "use_linear_projection": True,
+            "cross_attention_dim": te1 + te2,  # both encoders' hidden states, concatenated
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": time_dim,
+            "projection_class_embeddings_input_dim": TIME_IDS * time_dim + pooled,
+        }
+    )
+    cfg["vae"].update(SDXL_VAE)
+    cfg["text_encoder"].update({"hidden_size": te1})  # CLIP ViT-L's shape (quick_gelu)
+    cfg["text_encoder_2"] = {
+        **CLIP_TEXT_COMMON,
+        "hidden_size": te2,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "projection_dim": pooled,
+        "hidden_act": "gelu",  # OpenCLIP bigG
+    }
+    cfg["tokenizer_2"] = {"pad_token": "!"}  # OpenCLIP's tokenizer pads with "!" (as SD 2.x's)
+    cfg["scheduler"] = dict(SDXL_SCHEDULER)
+    return cfg
+
+
+def _sdxl_configs() -> dict[str, dict[str, Any]]:
+    """The SDXL base 1.0 architecture (its published configs), for memory benchmarks."""
+    return {
+        "unet": {
+            "sample_size": 128,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": (320, 640, 1280),
+            "layers_per_block": 2,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2, 10),
+            "attention_head_dim": (5, 10, 20),
+            "use_linear_projection": True,
+            "cross_attention_dim": 2048,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+            "norm_num_groups": 32,
+        },
+        "vae": {**_sd15_configs()["vae"], "sample_size": 1024, **SDXL_VAE},
+        "text_encoder": {**_sd15_configs()["text_encoder"]},
+        "text_encoder_2": {
+            **CLIP_TEXT_COMMON,
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 20,
+            "projection_dim": 1280,
+            "hidden_act": "gelu",
+        },
+        "tokenizer_2": {"pad_token": "!"},
+        "scheduler": dict(SDXL_SCHEDULER),
+    }
 
 
 def _small_sd_configs() -> dict[str, dict[str, Any]]:
@@ -188,6 +283,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         BuiltinModel("tiny-sd", 1, "tiny SD 1.x, epsilon prediction, 64 px", _tiny_sd_configs),
         BuiltinModel("tiny-sd-v", 1, "tiny SD 1.x, v_prediction, 64 px", lambda: _tiny_sd_configs("v_prediction")),
         BuiltinModel("tiny-sd2", 1, "tiny SD 2.x, v_prediction, 64 px", _tiny_sd2_configs),
+        BuiltinModel("tiny-sdxl", 1, "tiny SDXL base, two text encoders, 64 px", _tiny_sdxl_configs),
+        BuiltinModel("sdxl-random", 1, "SDXL base architecture, random weights (~14 GB fp32)", _sdxl_configs),
         BuiltinModel("small-sd", 1, "small SD 1.x for speed benchmarks, 128 px", _small_sd_configs),
         BuiltinModel("sd15-random", 1, "SD 1.5 architecture, random weights (~4 GB fp32)", _sd15_configs),
         BuiltinModel(
@@ -210,7 +307,8 @@ def _lookup(name: str) -> BuiltinModel:
 
 
 def model_configs(name: str) -> dict[str, dict[str, Any]]:
-    """The component configs (``unet``, ``vae``, ``text_encoder``, ``scheduler``, optionally ``tokenizer``) of a built-in model."""
+    """The component configs (``unet``, ``vae``, ``text_encoder``, ``scheduler``, optionally ``tokenizer``; SDXL's also
+    ``text_encoder_2`` and ``tokenizer_2``) of a built-in model."""
     return copy.deepcopy(_lookup(name).configs())
 
 
@@ -236,8 +334,9 @@ def build_builtin(name: str, out_dir: str | Path) -> None:
     The weights depend only on the name: each model is initialised with the CPU generator freshly seeded, which is
     restored afterwards, so the caller's random state is left alone.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from lightning_modules.clip_tokenizer import write_clip_tokenizer
     from lightning_modules.rng_state import cpu_seeded
@@ -247,10 +346,11 @@ def build_builtin(name: str, out_dir: str | Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.iterdir()):
         raise FileExistsError(f"build_builtin: {out_dir} is not empty")
-    tokenizer_dir = out_dir / "tokenizer"
-    tokenizer_options = cfg.get("tokenizer", {})
-    write_clip_tokenizer(tokenizer_dir, **tokenizer_options)
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    sdxl = "text_encoder_2" in cfg  # the components the configs describe say which pipeline they make
+    tokenizers = {}
+    for part in ("tokenizer", "tokenizer_2")[: 1 + sdxl]:
+        write_clip_tokenizer(out_dir / part, **cfg.get(part, {}))
+        tokenizers[part] = CLIPTokenizer.from_pretrained(out_dir / part)
     with cpu_seeded(SEED):
         unet = UNet2DConditionModel(**cfg["unet"])
     with cpu_seeded(SEED + 1):
@@ -262,20 +362,26 @@ def build_builtin(name: str, out_dir: str | Path) -> None:
 
         for module, part in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
             load_weights(module, part)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler(**cfg["scheduler"]),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {"vae": vae, "text_encoder": text_encoder.eval(), "unet": unet, **tokenizers}
+    if sdxl:
+        with cpu_seeded(SEED + 3):
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])).eval()
+        pipe = diffusers.StableDiffusionXLPipeline(
+            scheduler=diffusers.EulerDiscreteScheduler.from_config(cfg["scheduler"]), add_watermarker=False, **parts
+        )
+    else:
+        pipe = diffusers.StableDiffusionPipeline(
+            scheduler=diffusers.PNDMScheduler(**cfg["scheduler"]),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **parts,
+        )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # transformers may save the tokenizer in its own layout; keep the SD 1.x one (vocab.json + merges.txt),
     # which every transformers version reads.
-    write_clip_tokenizer(tokenizer_dir, **tokenizer_options)
+    for part in tokenizers:
+        write_clip_tokenizer(out_dir / part, **cfg.get(part, {}))
 
 
 def _is_complete(folder: Path) -> bool:

@@ -1,18 +1,22 @@
 """The DreamBooth objective, Lightning-free: encode, noise, predict, compare.
 
 Shapes: B rows (instance rows and class rows mixed, told apart by ``is_prior``), latents (B, 4, h, w)
-with h = H / vae_scale_factor, text embeddings (B, 77, D).
+with h = H / vae_scale_factor, text embeddings (B, 77, D) (SDXL: and pooled (B, P), see :class:`TextConditioning`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
+
+if TYPE_CHECKING:
+    from lightning_modules.families import Family
 
 
 class LossTerms(NamedTuple):
@@ -86,6 +90,73 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> Tensor:
 def encode_text(text_encoder: CLIPTextModel, input_ids: Tensor) -> Tensor:
     """(B, 77) token ids -> (B, 77, D) last hidden states, the UNet's cross-attention context."""
     return text_encoder(input_ids.to(text_encoder.device))[0]
+
+
+class TextConditioning(NamedTuple):
+    """What the text encoders give the UNet for B prompts."""
+
+    context: Tensor  # (B, 77, D) cross-attention context (SDXL: both encoders' penultimate states, D = 768 + 1280)
+    pooled: Tensor | None  # (B, P) the last encoder's pooled, projected embedding (SDXL's added conditioning), or None
+
+
+def encode_prompts(
+    family: Family, tokenizers: Sequence[CLIPTokenizer], text_encoders: Sequence[nn.Module], prompts: list[str]
+) -> TextConditioning:
+    """Prompts -> the UNet's text conditioning, as the family's pipeline makes it (``Family.text_context``).
+
+    ``last``: the one encoder's last hidden states (:func:`encode_text`). ``penultimate`` (SDXL, as
+    ``StableDiffusionXLPipeline.encode_prompt`` without ``clip_skip``): each encoder's penultimate hidden states,
+    concatenated on the feature axis, and the pooled output (``text_embeds``) of the last encoder.
+    """
+    if family.text_context == "last":
+        (tokenizer,), (text_encoder,) = tokenizers, text_encoders
+        return TextConditioning(encode_text(text_encoder, tokenize(tokenizer, prompts)), None)
+    states, pooled = [], None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
+        out = text_encoder(tokenize(tokenizer, prompts).to(text_encoder.device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])  # (B, 77, D_i)
+        pooled = out[0]  # CLIPTextModelWithProjection: (B, P) text_embeds; the last encoder's is kept
+    return TextConditioning(torch.cat(states, dim=-1), pooled)
+
+
+def unread_text_encoder_parts(family: Family, text_encoders: Sequence[nn.Module]) -> list[nn.Module]:
+    """The parts of the text encoders that :func:`encode_prompts` never reads for this family, so that nothing trains
+    there (no gradient would reach them: DDP refuses such parameters, and training them would be wasted).
+
+    ``penultimate`` (SDXL): each encoder but the last gives only its penultimate hidden states, so its last layer and
+    final layer norm are unread; the last encoder's are read by its pooled output. ``last``: everything is read.
+    """
+    if family.text_context != "penultimate":
+        return []
+    unread = []
+    for text_encoder in text_encoders[:-1]:
+        model = getattr(text_encoder, "text_model", text_encoder)  # transformers >= 5.6 flattened CLIPTextModel
+        unread += [model.encoder.layers[-1], model.final_layer_norm]
+    return unread
+
+
+def time_ids(original_sizes: Tensor, crop_top_lefts: Tensor, target_size: tuple[int, int]) -> Tensor:
+    """SDXL's size conditioning per row: (original h, original w, crop top, crop left, target h, target w).
+
+    Args:
+        original_sizes: (B, 2) long, each photo's (height, width) as read, before resizing.
+        crop_top_lefts: (B, 2) long, (top, left) of the crop in the resized photo.
+        target_size: (height, width) of the training images.
+    """
+    target = torch.tensor(target_size, device=original_sizes.device).expand(original_sizes.shape[0], 2)
+    return torch.cat([original_sizes, crop_top_lefts, target], dim=1)  # (B, 6)
+
+
+def unet_conditioning(
+    family: Family, text: TextConditioning, sizes: tuple[Tensor, Tensor] | None, target_size: tuple[int, int]
+) -> dict:
+    """The UNet's keyword arguments besides the context: none, or SDXL's ``added_cond_kwargs`` (``text_time``)."""
+    if family.added_conditioning is None:
+        return {}
+    if sizes is None:
+        raise ValueError("SDXL's added conditioning needs original_sizes and crop_top_lefts in the batch.")
+    ids = time_ids(*sizes, target_size).to(text.context.device, text.context.dtype)
+    return {"added_cond_kwargs": {"text_embeds": text.pooled, "time_ids": ids}}
 
 
 def diffusion_target(noise_scheduler: DDPMScheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:

@@ -17,12 +17,14 @@ from datamodules.predict import PredictBatch
 from datamodules.validation import ValidationBatch
 from lightning_modules.controlnet import check_controlnet_fits, load_controlnet
 from lightning_modules.diffusion import (
+    TextConditioning,
     diffusion_target,
     dreambooth_loss,
     encode_latents,
-    encode_text,
+    encode_prompts,
     sample_latents,
-    tokenize,
+    unet_conditioning,
+    unread_text_encoder_parts,
 )
 from lightning_modules.ema import TrainedWeightsEMA, check_ema_decay
 from lightning_modules.errors import CheckpointMismatchError, ConfigError
@@ -66,7 +68,7 @@ from lightning_modules.optim import (
 from lightning_modules.pipeline import build_pipeline
 from lightning_modules.rng_state import capture_rng_states, restore_rng_states
 from lightning_modules.sampling import SamplingSettings, image_seed, render
-from lightning_modules.sd_loading import SDComponents, load_components, load_parts
+from lightning_modules.sd_loading import SDComponents, check_vae_path, load_components, load_parts
 
 # Lightning precision setting -> dtype in which the frozen modules are held and run.
 FROZEN_DTYPES = {
@@ -120,7 +122,8 @@ def without_padding(out: dict, batch: dict, num_images: int | torch.Tensor | Non
 
 
 class DreamBoothModule(pl.LightningModule):
-    """Fine-tunes Stable Diffusion 1.x on one subject with the DreamBooth objective, fully or with LoRA.
+    """Fine-tunes Stable Diffusion (1.x, 2.x or SDXL: the family is told from the model's files, see
+    :mod:`lightning_modules.families`) on one subject with the DreamBooth objective, fully or with LoRA.
 
     Args:
         pretrained_model_name_or_path: The base model: a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a
@@ -129,9 +132,11 @@ class DreamBoothModule(pl.LightningModule):
         revision: Hub revision (branch, tag or commit) of the base model.
         variant: Weight-file variant of the base model, e.g. ``fp16``.
         single_file_config: For a single-file base model: a diffusers folder, hub id or ``builtin:<name>`` whose
-            configs (architecture, tokenizer, scheduler) describe it; None: its family's (SD 1.5's or SD 2.1's, the
-            family told from the file's keys). A hub id's config files must be in the local cache when offline.
-        train_text_encoder: Also train the text encoder (fully, or with LoRA when ``use_lora``).
+            configs (architecture, tokenizer, scheduler) describe it; None: its family's (SD 1.5's, SD 2.1's or SDXL
+            base 1.0's, the family told from the file's keys). A hub id's config files must be in the local cache when offline.
+        vae: Another VAE than the base model's: a diffusers VAE folder or hub id (e.g. ``madebyollin/sdxl-vae-fp16-fix``,
+            which runs in float16). Without it, SDXL's own VAE, which overflows in float16, is held in float32.
+        train_text_encoder: Also train the text encoder (fully, or with LoRA when ``use_lora``); SDXL: both.
         use_lora: Train adapters (peft; ``adapter`` says which) instead of the full weights; the base model stays
             frozen.
         adapter: The adapter ``use_lora`` trains: ``lora`` (low-rank ``B A``), ``dora`` (LoRA plus a trained magnitude
@@ -144,7 +149,7 @@ class DreamBoothModule(pl.LightningModule):
         lora_target_modules: UNet modules that get an adapter (attention projections by default).
         lora_text_encoder_target_modules: Text-encoder modules that get an adapter.
         learning_rate: Learning rate of the UNet (its LoRA adapters or its full weights).
-        text_encoder_lr: Learning rate of the text encoder; defaults to ``learning_rate``.
+        text_encoder_lr: Learning rate of the text encoder (SDXL: of both); defaults to ``learning_rate``.
         optimizer: ``adamw``; ``adamw8bit`` / ``paged_adamw8bit`` (bitsandbytes; state in 8 bits); ``lion`` /
             ``lion8bit`` / ``paged_lion8bit`` (bitsandbytes; usual: a 3-10x smaller learning rate and 3-10x larger
             weight decay than AdamW's, ``adam_beta2`` 0.99); ``adafactor`` (transformers, with this learning rate;
@@ -215,6 +220,7 @@ class DreamBoothModule(pl.LightningModule):
         revision: str | None = None,
         variant: str | None = None,
         single_file_config: str | None = None,
+        vae: str | None = None,
         train_text_encoder: bool = False,
         use_lora: bool = True,
         adapter: AdapterName = "lora",
@@ -288,6 +294,8 @@ class DreamBoothModule(pl.LightningModule):
             )
         if new_token_lr <= 0:
             raise ConfigError(f"model.new_token_lr must be positive, got {new_token_lr}.")
+        if vae:
+            check_vae_path(vae)  # a local path that holds no VAE fails here, before any work
         # Not a saved hyperparameter: LightningCLI restores those from a checkpoint on resume, and this one must be
         # changeable then (a run stopped by a NaN resumes with nan_policy=skip).
         self.save_hyperparameters(ignore=["nan_policy"])
@@ -296,7 +304,7 @@ class DreamBoothModule(pl.LightningModule):
         self.sampling = sampling if isinstance(sampling, SamplingSettings) else SamplingSettings(**sampling)
         self.parts: SDComponents | None = None  # loaded in configure_model
         # The VAE and a frozen text encoder are loaded on first use (see frozen()); None until then.
-        self.unet = self.text_encoder = self.vae = None
+        self.unet = self.text_encoder = self.text_encoder_2 = self.vae = None
         self._parked: dict[str, nn.Module] = {}  # frozen parts moved off an accelerator by release_frozen()
         self._pipe = None  # a sampling pipeline around the live modules, built per validation / test / predict run
         self.controlnet = None  # loaded in configure_model when model.controlnet is set
@@ -323,37 +331,51 @@ class DreamBoothModule(pl.LightningModule):
             hp.single_file_config,
             with_vae=False,
             with_text_encoder=self._text_encoder_held,
+            vae=hp.get("vae"),
         )
-        if parts.text_encoder is not None:
-            parts.text_encoder.requires_grad_(False)
+        text_encoders = [te for te in parts.text_encoder_list() if te is not None]  # SDXL: both
+        for text_encoder in text_encoders:
+            text_encoder.requires_grad_(False)
         if hp.lora_weights:  # trained adapters from an export, frozen: for rendering and evaluation
-            load_lora_file(parts.unet, parts.text_encoder, hp.lora_weights)
+            load_lora_file(parts.unet, parts.text_encoder, hp.lora_weights, text_encoder_2=parts.text_encoder_2)
         elif hp.use_lora:
             adapter = hp.get("adapter", "lora")  # checkpoints from before model.adapter trained LoRA
             settings = (hp.lora_rank, hp.lora_alpha, hp.lora_dropout)
             inject_lora(parts.unet, adapter_config(adapter, *settings, self._unet_targets))
             if hp.train_text_encoder:
-                inject_lora(parts.text_encoder, adapter_config(adapter, *settings, self._te_targets))
+                for text_encoder in text_encoders:
+                    inject_lora(text_encoder, adapter_config(adapter, *settings, self._te_targets))
         else:
             parts.unet.requires_grad_(True)
             if hp.train_text_encoder:
-                parts.text_encoder.requires_grad_(True)
+                for text_encoder in text_encoders:
+                    text_encoder.requires_grad_(True)
+        for module in unread_text_encoder_parts(parts.family, text_encoders):  # SDXL: the first encoder's last layer
+            module.requires_grad_(False)
         if hp.get("new_tokens"):  # pivotal tuning: the new tokens' rows train (from an export: rendering)
+            if len(parts.family.text_encoders) > 1:
+                raise ConfigError(
+                    f"data.new_tokens (pivotal tuning) is not supported for {parts.family.label} yet (its two text "
+                    "encoders would each need the new tokens); train with a rare identifier instead."
+                )
             emb = add_new_tokens(parts.tokenizer, parts.text_encoder, hp.new_tokens, hp.new_token_init)
             if hp.lora_weights:
                 load_embedding_file(emb, resolve_lora_file(hp.lora_weights).parent)
         if hp.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
             if hp.train_text_encoder:
-                parts.text_encoder.gradient_checkpointing_enable()
+                for text_encoder in text_encoders:
+                    text_encoder.gradient_checkpointing_enable()
         if hp.controlnet:
             self.controlnet = load_controlnet(hp.controlnet)
             check_controlnet_fits(self.controlnet, parts.unet, hp.controlnet)
         apply_unet_savers(parts.unet, hp.attention, hp.channels_last, hp.compile_unet)
-        self._cast_frozen(parts.unet, parts.text_encoder, self.controlnet)
+        self._cast_frozen(parts.unet, *text_encoders, self.controlnet)
         self.parts = parts
         # Registered as submodules so Lightning moves them, wraps them (DDP) and sees their parameters.
         self.unet, self.text_encoder = parts.unet, parts.text_encoder
+        if parts.text_encoder_2 is not None:
+            self.text_encoder_2 = parts.text_encoder_2
         if hp.get("ema_decay") and not hp.lora_weights:
             trained = {name: p for name, p in self.named_parameters() if p.requires_grad}
             self.ema = TrainedWeightsEMA(trained, hp.ema_decay)
@@ -390,8 +412,8 @@ class DreamBoothModule(pl.LightningModule):
         """A context in which the trained weights are their EMA (model.ema_decay), or unchanged when it is off."""
         return self.ema.swapped_in() if self.ema is not None else nullcontext()
 
-    def frozen(self, name: Literal["vae", "text_encoder"]) -> nn.Module:
-        """The VAE or the text encoder, loaded (in the frozen dtype, on this module's device) if it is not.
+    def frozen(self, name: Literal["vae", "text_encoder", "text_encoder_2"]) -> nn.Module:
+        """The VAE or a text encoder, loaded (in the frozen dtype, on this module's device) if it is not.
 
         Training needs them only for batches without cached latents / text embeddings; sampling needs them.
         """
@@ -400,25 +422,23 @@ class DreamBoothModule(pl.LightningModule):
 
     def sampling_parts(self) -> SDComponents:
         """All the parts, the frozen ones loaded: what a sampling pipeline (``build_pipeline``) needs."""
-        self._hold_frozen(["vae", "text_encoder"])
+        self._hold_frozen(["vae", *self.parts.family.text_encoders])
         return self.parts
 
     def _hold_frozen(self, names: list[str]) -> None:
         """Make ``names`` held on this module's device: from the CPU park, or loaded together in one read."""
         hp = self.hparams
         to_load = [n for n in names if getattr(self, n) is None and n not in self._parked]
-        loaded = (
-            load_parts(hp.pretrained_model_name_or_path, to_load, hp.revision, hp.variant, hp.single_file_config)
-            if to_load
-            else {}
-        )
+        model = (hp.pretrained_model_name_or_path, to_load, hp.revision, hp.variant, hp.single_file_config)
+        loaded = load_parts(*model, hp.get("vae")) if to_load else {}
         for name in names:
             if getattr(self, name) is not None:
                 continue
             module = self._parked.pop(name, None)
             if module is None:
                 module = loaded[name].requires_grad_(False).eval()
-                self._cast_frozen(module)
+                if not (name == "vae" and self._vae_in_float32):
+                    self._cast_frozen(module)
             module.to(self.device)
             setattr(self, name, module)
             setattr(self.parts, name, module)
@@ -426,7 +446,7 @@ class DreamBoothModule(pl.LightningModule):
     def release_frozen(self) -> None:
         """Free the training device of the frozen VAE and text encoder: moved to the CPU (for a quick reuse by
         :meth:`frozen`) when training on an accelerator, dropped when training on the CPU."""
-        names = ["vae"] + ([] if self._text_encoder_held else ["text_encoder"])
+        names = ["vae"] + ([] if self._text_encoder_held else list(self.parts.family.text_encoders))
         for name in names:
             module = getattr(self, name)
             if module is None:
@@ -459,6 +479,12 @@ class DreamBoothModule(pl.LightningModule):
     def _te_targets(self) -> list[str]:
         return self.hparams.lora_text_encoder_target_modules or TEXT_ENCODER_TARGET_MODULES
 
+    @property
+    def _vae_in_float32(self) -> bool:
+        """Whether the VAE stays float32 whatever the precision: the family's own VAE overflows in float16 (SDXL's),
+        and no other VAE was given (``model.vae``)."""
+        return self.parts.family.vae_in_float32 and not self.hparams.get("vae")
+
     def _cast_frozen(self, *models: nn.Module | None) -> None:
         """Hold frozen weights in the compute dtype under a half precision; under ``*-mixed`` trained weights stay
         float32 (training under ``*-true`` is refused: :func:`check_training_precision`)."""
@@ -475,8 +501,9 @@ class DreamBoothModule(pl.LightningModule):
         parts, hp = self.parts, self.hparams
         latents = self._latents(batch)  # (B, 4, h, w)
         noisy_latents, noise, timesteps = draw_noisy_inputs(parts.noise_scheduler, latents, self.loss_recipe)
-        context = self._text_context(batch)  # (B, 77, D)
-        model_pred = self.unet(to_memory_format(noisy_latents, hp.channels_last), timesteps, context).sample
+        context, extra = self.unet_condition(batch, latents)  # (B, 77, D); SDXL's added conditioning, else none
+        x = to_memory_format(noisy_latents, hp.channels_last)
+        model_pred = self.unet(x, timesteps, context, **extra).sample
         target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
         weights = loss_row_weights(parts.noise_scheduler, timesteps, self.loss_recipe)  # None unless min-SNR
         loss_weight = batch.get("loss_weight")  # per-pixel loss masks, or None
@@ -515,10 +542,23 @@ class DreamBoothModule(pl.LightningModule):
         """(B, 4, h, w) latents: sampled from the cached distribution, or encoded by the VAE."""
         if "latent_mean" in batch:
             return sample_latents(batch["latent_mean"], batch["latent_std"])
-        return encode_latents(self.frozen("vae"), batch["pixel_values"]).float()
+        vae = self.frozen("vae")
+        if self._vae_in_float32:  # not even autocast may run it in half precision
+            with torch.autocast(self.device.type, enabled=False):
+                return encode_latents(vae, batch["pixel_values"]).float()
+        return encode_latents(vae, batch["pixel_values"]).float()
 
-    def _text_context(self, batch: DreamBoothBatch) -> torch.Tensor:
-        """(B, 77, D) text embeddings: cached ones, or the text encoder's (with grad when it trains)."""
+    def unet_condition(self, batch: DreamBoothBatch, latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """What the UNet is conditioned on besides the noisy latents and timesteps: the (B, 77, D) text context, and
+        the keyword arguments of the family's added conditioning (SDXL: the pooled embedding and each row's time ids,
+        from the batch's sizes and crops and the latents' image size; none for SD 1.x / 2.x)."""
+        text = self._text_conditioning(batch)
+        target_size = tuple(side * self.parts.vae_scale_factor for side in latents.shape[-2:])
+        sizes = (batch["original_sizes"], batch["crop_top_lefts"]) if "original_sizes" in batch else None
+        return text.context, unet_conditioning(self.parts.family, text, sizes, target_size)
+
+    def _text_conditioning(self, batch: DreamBoothBatch) -> TextConditioning:
+        """The UNet's text conditioning: cached embeddings, or the text encoders' (with grad when they train)."""
         train_te = self._text_encoder_trains
         if "prompt_embeds" in batch:
             if train_te:
@@ -526,18 +566,23 @@ class DreamBoothModule(pl.LightningModule):
                     "The batch carries cached text embeddings, but model.train_text_encoder is true: the text encoder "
                     "would get no gradient. Set data.cache_text_embeddings false (the CLI links it)."
                 )
-            return batch["prompt_embeds"]
-        text_encoder = self.text_encoder if train_te else self.frozen("text_encoder")
+            return TextConditioning(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"))
+        names = self.parts.family.text_encoders
+        if not train_te:
+            self._hold_frozen(list(names))  # loaded together: a single file is read once for both of SDXL's
+        encoders = [getattr(self, name) for name in names]
         with torch.set_grad_enabled(train_te):
-            return encode_text(text_encoder, tokenize(self.parts.tokenizer, self.text_for_encoder(batch["prompts"])))
+            prompts = self.text_for_encoder(batch["prompts"])  # the identifier as the new tokens, if any
+            return encode_prompts(self.parts.family, self.parts.tokenizer_list(), encoders, prompts)
 
     def configure_optimizers(self):
         hp = self.hparams
         emb = self.new_token_embedding()
         new_rows = emb.new if emb is not None and emb.new.requires_grad else None
         groups = param_groups(
-            self.unet, self.text_encoder, hp.learning_rate, hp.text_encoder_lr, new_rows, hp.new_token_lr
-        )
+            self.unet, self.text_encoder, hp.learning_rate, hp.text_encoder_lr, self.text_encoder_2,
+            new_tokens=new_rows, new_token_lr=hp.new_token_lr,
+        )  # fmt: skip
         betas = (hp.adam_beta1, hp.adam_beta2)
         if hp.fused_backward:
             t = self.trainer
@@ -616,12 +661,20 @@ class DreamBoothModule(pl.LightningModule):
 
     @torch.no_grad()
     def _denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """The UNet's prediction for ``prompts`` (no gradient), under the frozen weights' dtype."""
-        context = encode_text(self.parts.text_encoder, tokenize(self.parts.tokenizer, prompts))
+        """The UNet's prediction for ``prompts`` (no gradient), under the frozen weights' dtype. SDXL's size
+        conditioning: the held-out photos are center crops at the training size (original size = target, no crop)."""
+        parts = self.parts
+        encoders = [getattr(self, name) for name in parts.family.text_encoders]
+        text = encode_prompts(parts.family, parts.tokenizer_list(), encoders, self.text_for_encoder(prompts))
+        size = tuple(side * parts.vae_scale_factor for side in noisy_latents.shape[-2:])
+        rows = noisy_latents.shape[0]
+        sizes = (torch.tensor([size] * rows), torch.zeros(rows, 2, dtype=torch.long))  # (B, 2) each
+        kwargs = unet_conditioning(parts.family, text, sizes, size)
         dtype = next((p.dtype for p in self.unet.parameters() if not p.requires_grad), torch.float32)
         autocast = dtype in (torch.float16, torch.bfloat16)
+        latents = to_memory_format(noisy_latents, self.hparams.channels_last)
         with torch.autocast(self.device.type, dtype=dtype, enabled=autocast):
-            return self.unet(to_memory_format(noisy_latents, self.hparams.channels_last), timesteps, context).sample
+            return self.unet(latents, timesteps, text.context, **kwargs).sample
 
     def on_test_epoch_start(self) -> None:
         self._swap_in_ema()

@@ -1,7 +1,8 @@
 """Exports that other tools load, written atomically, Lightning-free, and loading them back.
 
-- LoRA and DoRA: ``pytorch_lora_weights.safetensors`` in the layout diffusers' ``load_lora_weights`` reads, and
-  ``pytorch_lora_weights_kohya.safetensors`` in the kohya layout AUTOMATIC1111 and ComfyUI read.
+- LoRA and DoRA: ``pytorch_lora_weights.safetensors`` in the layout the family pipeline's ``load_lora_weights`` reads
+  (SDXL: ``unet``, ``text_encoder`` and ``text_encoder_2``), and ``pytorch_lora_weights_kohya.safetensors`` in the
+  kohya layout AUTOMATIC1111 and ComfyUI read (SDXL: ``lora_unet_`` / ``lora_te1_`` / ``lora_te2_``).
 - LoHa and LoKr: ``pytorch_lora_weights_kohya.safetensors`` only, under LyCORIS' names (AUTOMATIC1111, ComfyUI);
   diffusers loads neither from a file.
 - Full fine-tune: ``pipeline/``, a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` reads, and
@@ -31,7 +32,13 @@ from lightning_modules.export_layout import (
 )
 from lightning_modules.families import family_of_pipeline
 from lightning_modules.ldm_config import is_v_prediction, write_ldm_config
-from lightning_modules.lora import adapter_kind, lora_metadata, lora_state_dict, lycoris_export_note
+from lightning_modules.lora import (
+    adapter_kind,
+    lora_metadata,
+    lora_pipeline_class,
+    lora_state_dict,
+    lycoris_export_note,
+)
 from lightning_modules.lora_formats import (
     load_lora_into_pipeline,
     save_kohya_lora,
@@ -67,6 +74,7 @@ def export_lora(
     single_file_config: str | None = None,
     embeddings: dict[str, torch.Tensor] | None = None,
     new_tokens: list[str] | None = None,
+    text_encoder_2: nn.Module | None = None,
 ) -> Path:
     """Write the UNet (and text-encoder, when it has one) adapters as a diffusers and a kohya LoRA file (LoRA, DoRA),
     or as a LyCORIS file (LoHa, LoKr: the kohya file's name, LyCORIS' key names), and return the diffusers file's path
@@ -74,32 +82,37 @@ def export_lora(
     :func:`lightning_modules.new_tokens.embedding_file_state`) go beside them as ``embeddings.safetensors``, their
     tokens (``new_tokens``) recorded in ``export_info.json``.
 
-    ``text_encoder`` may be None (a frozen text encoder that was never loaded: cached text embeddings).
+    ``text_encoder`` (and SDXL's ``text_encoder_2``) may be None (a frozen text encoder that was never loaded: cached
+    text embeddings).
 
     The base model's name (``revision``, ``variant``, ``single_file_config``) is recorded so :func:`load_export`
     can rebuild the pipeline.
     """
-    check_finite({"unet": unet, "text_encoder": text_encoder})
-    te = text_encoder is not None and has_lora(text_encoder)
+    check_finite({"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2})
+    te = text_encoder if text_encoder is not None and has_lora(text_encoder) else None  # the encoders with adapters
+    te2 = text_encoder_2 if text_encoder_2 is not None and has_lora(text_encoder_2) else None
     kind = adapter_kind(unet.peft_config["default"])
     if kind in ("loha", "lokr"):
         with atomic_directory(out_dir) as tmp:
-            save_kohya_lora(unet, text_encoder if te else None, tmp / KOHYA_WEIGHT_NAME, base_model)
+            save_kohya_lora(unet, te, tmp / KOHYA_WEIGHT_NAME, base_model, te2)
             files = [KOHYA_WEIGHT_NAME] + _save_embeddings(tmp, embeddings)
             _write_info(tmp, "lora", files, base_model, revision, variant, single_file_config, kind, new_tokens)
         return Path(out_dir) / KOHYA_WEIGHT_NAME
+    adapters = {}  # the text encoders' adapters, by their name in the pipeline
+    for name, model in (("text_encoder", te), ("text_encoder_2", te2)):
+        if model is not None:
+            adapters[f"{name}_lora_layers"] = text_encoder_lora_layers(model)
+            adapters[f"{name}_lora_adapter_metadata"] = lora_metadata(model)
     with atomic_directory(out_dir) as tmp:
-        StableDiffusionPipeline.save_lora_weights(
+        lora_pipeline_class(unet).save_lora_weights(  # the family's: SDXL's writes text_encoder_2 too
             tmp,
             unet_lora_layers=lora_state_dict(unet),
-            # With the ``text_model.`` level, so that transformers < 5.6 (not flattened) finds the layers too.
-            text_encoder_lora_layers=text_encoder_lora_layers(text_encoder) if te else None,
             unet_lora_adapter_metadata=lora_metadata(unet),
-            text_encoder_lora_adapter_metadata=lora_metadata(text_encoder) if te else None,
             weight_name=LORA_WEIGHT_NAME,
             safe_serialization=True,
+            **adapters,
         )
-        save_kohya_lora(unet, text_encoder if te else None, tmp / KOHYA_WEIGHT_NAME, base_model)
+        save_kohya_lora(unet, te, tmp / KOHYA_WEIGHT_NAME, base_model, te2)
         files = [LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME] + _save_embeddings(tmp, embeddings)
         adapter = kind if kind != "lora" else None  # a plain LoRA's info file as before
         _write_info(tmp, "lora", files, base_model, revision, variant, single_file_config, adapter, new_tokens)
@@ -134,14 +147,19 @@ def export_full(
     variant: str | None = None,
     single_file: bool = True,
     single_file_config: str | None = None,
+    text_encoder_2: nn.Module | None = None,
+    vae: str | None = None,
 ) -> Path:
-    """Write a diffusers pipeline folder: the trained UNet (and text encoder), the base model's other parts.
+    """Write a diffusers pipeline folder of the base model's family: the trained UNet (and text encoders), the base
+    model's other parts (the VAE: ``vae`` when given, as ``model.vae``).
 
-    With ``single_file`` the same weights are also written as one ``model.safetensors`` in the original layout.
+    With ``single_file`` the same weights are also written as one ``model.safetensors`` in the family's original
+    layout (SDXL: ``conditioner.embedders.0/1``).
     """
     trained = {"unet": unet} | ({"text_encoder": text_encoder} if text_encoder is not None else {})
+    trained |= {"text_encoder_2": text_encoder_2} if text_encoder_2 is not None else {}
     check_finite(trained)
-    pipe = load_pipeline(base_model, revision, variant, single_file_config=single_file_config, **trained)
+    pipe = load_pipeline(base_model, revision, variant, single_file_config=single_file_config, vae=vae, **trained)
     with atomic_directory(out_dir) as tmp:
         pipe.save_pretrained(tmp / PIPELINE_DIRNAME, safe_serialization=True)
         files = [PIPELINE_DIRNAME]
@@ -180,11 +198,7 @@ def load_export(export_dir: str | Path, torch_dtype: torch.dtype = torch.float32
         raise InputNotFoundError(f"{str(folder)!r} is no export folder: it has no {INFO_NAME}.")
     info = json.loads(info_path.read_text())
     if info["kind"] == "full":
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder / PIPELINE_DIRNAME, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return load_pipeline(str(folder / PIPELINE_DIRNAME), torch_dtype=torch_dtype)
     if info.get("adapter") in ("loha", "lokr"):
         raise InputFileError(f"{str(folder)!r} {lycoris_export_note(info['adapter'])}")
     base = info["base_model"]

@@ -116,11 +116,12 @@ def load_text_encoder_lora(
     network_alphas: dict[str, float] | None,
     metadata: dict | None,
     adapter_name: str | None = None,
+    prefix: str = "text_encoder.",
 ) -> None:
-    """Load the ``text_encoder.*`` weights of a LoRA state dict (as ``StableDiffusionPipeline.lora_state_dict`` reads a
-    file) into the text encoder as adapter ``adapter_name``, as diffusers' ``load_lora_into_text_encoder`` does, but
-    through peft's API instead of transformers' ``load_adapter`` (which adds a peft version gate)."""
-    prefix = "text_encoder."
+    """Load the ``text_encoder.*`` weights (``prefix``: SDXL's second encoder's are ``text_encoder_2.*``) of a LoRA
+    state dict (as ``StableDiffusionPipeline.lora_state_dict`` reads a file) into the text encoder as adapter
+    ``adapter_name``, as diffusers' ``load_lora_into_text_encoder`` does, but through peft's API instead of
+    transformers' ``load_adapter`` (which adds a peft version gate)."""
     state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
     if not state_dict:
         return
@@ -144,20 +145,35 @@ def load_text_encoder_lora(
         )
 
 
+def lora_pipeline_class(unet: nn.Module) -> type:
+    """The pipeline class that reads LoRA files for this UNet's family (its layouts, kohya's included)."""
+    from lightning_modules.families import family_of_configs
+
+    return family_of_configs(dict(unet.config), None, "the UNet").pipeline_type()
+
+
 def load_lora_weights(
-    unet: nn.Module, text_encoder: nn.Module | None, path: str | Path, adapter_name: str | None
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    path: str | Path,
+    adapter_name: str | None,
+    text_encoder_2: nn.Module | None = None,
 ) -> None:
     """Load a diffusers or kohya LoRA ``.safetensors`` file into the UNet and, when it has text-encoder weights, the
-    text encoder, as adapters named ``adapter_name`` (diffusers' naming when None), in place."""
-    from diffusers import StableDiffusionPipeline  # the pipeline class knows the SD 1.x LoRA layouts
-
-    state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+    text encoder(s), as adapters named ``adapter_name`` (diffusers' naming when None), in place."""
+    pipeline_class = lora_pipeline_class(unet)  # it knows the family's LoRA layouts (SDXL: lora_te1_ / lora_te2_)
+    state_dict, network_alphas, metadata = pipeline_class.lora_state_dict(
+        str(path),
+        return_lora_metadata=True,
+        unet_config=unet.config,  # the UNet's layout for SDXL kohya files
+    )
     if not any(k.startswith("unet.") for k in state_dict):
         raise InputFileError(f"model.lora_weights: {str(path)!r} holds no UNet LoRA weights (keys 'unet.*').")
     kw = {"adapter_name": adapter_name, "metadata": metadata}
-    StableDiffusionPipeline.load_lora_into_unet(state_dict, network_alphas, unet, **kw)
-    if text_encoder is not None:
-        load_text_encoder_lora(text_encoder, state_dict, network_alphas, metadata, adapter_name)
+    pipeline_class.load_lora_into_unet(state_dict, network_alphas, unet, **kw)
+    for model, prefix in ((text_encoder, "text_encoder."), (text_encoder_2, "text_encoder_2.")):
+        if model is not None:
+            load_text_encoder_lora(model, state_dict, network_alphas, metadata, adapter_name, prefix)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -224,16 +240,22 @@ def lycoris_export_note(adapter: str) -> str:
     )
 
 
-def load_lora_file(unet: nn.Module, text_encoder: nn.Module, path: str | Path, adapter_name: str = "default") -> None:
+def load_lora_file(
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    path: str | Path,
+    adapter_name: str = "default",
+    text_encoder_2: nn.Module | None = None,
+) -> None:
     """Load a diffusers LoRA file (as :func:`lora_state_dict` exports it) into the UNet and, when the file has
-    text-encoder weights, the text encoder, as peft adapters named ``adapter_name``, in place and frozen.
+    text-encoder weights, the text encoder(s), as peft adapters named ``adapter_name``, in place and frozen.
 
     The adapters take their rank, alpha and targets from the file's header; under the name ``default`` their weights
     have the keys of adapters that :func:`inject_lora` makes, so a Lightning checkpoint of the same run loads on top.
     """
-    load_lora_weights(unet, text_encoder, resolve_lora_file(path), adapter_name)
-    for model in (unet, text_encoder):
-        for name, param in model.named_parameters():
+    load_lora_weights(unet, text_encoder, resolve_lora_file(path), adapter_name, text_encoder_2)
+    for model in (unet, text_encoder, text_encoder_2):
+        for name, param in model.named_parameters() if model is not None else []:
             if "lora_" in name:
                 param.requires_grad_(False)
                 param.data = param.data.float()

@@ -31,19 +31,22 @@ def param_groups(
     text_encoder: nn.Module | None,
     learning_rate: float,
     text_encoder_lr: float | None,
+    text_encoder_2: nn.Module | None = None,
     new_tokens: nn.Parameter | None = None,
     new_token_lr: float | None = None,
 ) -> list[dict]:
-    """One group per trained model, so the text encoder can have its own learning rate (None: not loaded), and one for
-    the new tokens' embedding rows (pivotal tuning), with theirs."""
+    """One group per trained model, so the text encoders can have their own learning rate (None: not loaded; SDXL's
+    second text encoder gets a group of its own, at the text encoders' rate), and one for the new tokens' embedding
+    rows (pivotal tuning), with theirs."""
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": learning_rate, "name": "unet"}]
-    te_params = [p for p in text_encoder.parameters() if p.requires_grad] if text_encoder is not None else []
-    te_params = [p for p in te_params if p is not new_tokens]
     if new_tokens is not None:
         groups.append({"params": [new_tokens], "lr": new_token_lr or learning_rate, "name": "new_tokens"})
-    if te_params:
-        lr = learning_rate if text_encoder_lr is None else text_encoder_lr
-        groups.append({"params": te_params, "lr": lr, "name": "text_encoder"})
+    for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        te_params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        te_params = [p for p in te_params if p is not new_tokens]
+        if te_params:
+            lr = learning_rate if text_encoder_lr is None else text_encoder_lr
+            groups.append({"params": te_params, "lr": lr, "name": name})
     if not groups[0]["params"]:
         raise ValueError("The UNet has no trainable parameter: nothing to optimize.")
     return groups

@@ -35,23 +35,31 @@ def make_sampler(name: str, scheduler_config: dict):
     return SAMPLERS[name].from_config(scheduler_config, **overrides)
 
 
+def prompt_embedding_kwargs(encoded: tuple) -> dict:
+    """What a pipeline's ``encode_prompt`` returned, as keyword arguments of its ``__call__``: (prompt_embeds,
+    negative_prompt_embeds), and for SDXL also (pooled_prompt_embeds, negative_pooled_prompt_embeds)."""
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    return dict(zip(names, encoded, strict=False))
+
+
 def build_pipeline(
     parts: SDComponents, sampler: str = "dpm++", controlnet: ControlNetModel | None = None
 ) -> StableDiffusionPipeline | StableDiffusionControlNetPipeline:
-    """Wrap the given modules (shared, not copied) in a text-to-image pipeline without a safety checker; with a
-    ``controlnet``, a ControlNet pipeline around it."""
-    extra = {} if controlnet is None else {"controlnet": controlnet}
-    pipeline_class = StableDiffusionPipeline if controlnet is None else StableDiffusionControlNetPipeline
+    """Wrap the given modules (shared, not copied) in the family's text-to-image pipeline (``Family.pipeline_class``:
+    ``StableDiffusionPipeline`` without a safety checker, ``StableDiffusionXLPipeline`` without the watermark); with a
+    ``controlnet``, a ControlNet pipeline around it (SD 1.x / 2.x)."""
+    family = parts.family
+    if controlnet is None:
+        pipeline_class = family.pipeline_type()
+        extra = {}
+    elif family.pipeline_class == "StableDiffusionPipeline":
+        pipeline_class, extra = StableDiffusionControlNetPipeline, {"controlnet": controlnet}
+    else:
+        raise ConfigError(f"model.controlnet: ControlNets are rendered for SD 1.x / 2.x here, not {family.label}.")
+    modules = {"vae": parts.vae, "unet": parts.unet}
+    modules |= {name: getattr(parts, name) for name in (*family.text_encoders, *family.tokenizers)}
     pipe = pipeline_class(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet,
-        scheduler=make_sampler(sampler, parts.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        **extra,
+        scheduler=make_sampler(sampler, parts.noise_scheduler.config), **modules, **family.pipeline_options, **extra
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
 from lightning_modules.errors import ConfigError
-from lightning_modules.pipeline import SAMPLERS, SamplerName
+from lightning_modules.pipeline import SAMPLERS, SamplerName, prompt_embedding_kwargs
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,8 @@ class SamplingSettings:
         sampler: ``dpm++`` (DPM-Solver++ multistep), ``ddim``, ``euler_a`` (Euler ancestral) or ``pndm``.
         lora_scale: Strength of the UNet's LoRA update when rendering (0 renders the base UNet). Also the text
             encoder's, unless ``lora_text_encoder_scale`` is set.
-        lora_text_encoder_scale: Strength of the text encoder's LoRA update; null uses ``lora_scale``. Both at 0
-            render the base model.
+        lora_text_encoder_scale: Strength of the text encoder's LoRA update (SDXL: both text encoders'); null uses
+            ``lora_scale``. Both at 0 render the base model.
         controlnet_conditioning_scale: Weight of the ControlNet residuals (with ``model.controlnet``; 0 ignores the
             condition image).
     """
@@ -81,7 +81,12 @@ def render(
 
     The pipeline would give the text encoder the UNet's LoRA scale (``cross_attention_kwargs["scale"]`` is passed on
     to ``encode_prompt``), so the prompts are encoded here with the text encoder's own scale and handed over as
-    embeddings; the UNet's scale still goes through ``cross_attention_kwargs``.
+    embeddings (SDXL: both encoders', and the pooled ones); the UNet's scale still goes through
+    ``cross_attention_kwargs``. SDXL renders at any size with its size conditioning set to that size (original and
+    target size ``height`` x ``width``, no crop), as ``StableDiffusionXLPipeline`` does.
+
+    A VAE held in float32 (SDXL's own, which overflows in float16) beside a half-precision UNet decodes the latents in
+    float32, autocast off.
 
     Args:
         control_image: (1, 3, H', W') float in [0, 1], the ControlNet condition of every image; needs a ControlNet
@@ -90,22 +95,37 @@ def render(
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     negative = [settings.negative_prompt] * len(prompts) if settings.negative_prompt else None
     guided = settings.guidance_scale > 1
-    prompt_embeds, negative_embeds = pipe.encode_prompt(
-        prompts, pipe._execution_device, 1, guided, negative, lora_scale=settings.text_encoder_scale
-    )  # (N, 77, D) each; negative is None without guidance
+    embeds = prompt_embedding_kwargs(
+        pipe.encode_prompt(
+            prompt=prompts,
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guided,
+            negative_prompt=negative,
+            lora_scale=settings.text_encoder_scale,
+        )
+    )  # (N, 77, D) each, SDXL also (N, P) pooled; negative ones are None without guidance
     control = {}
     if control_image is not None:
         control = {"image": control_image, "controlnet_conditioning_scale": settings.controlnet_conditioning_scale}
+    # A float32 VAE beside a half-precision UNet (or under autocast) decodes here, in float32: the pipeline would hand
+    # it half-precision latents, or autocast would run it in half precision.
+    half = torch.is_autocast_enabled(pipe._execution_device.type) or pipe.unet.dtype != torch.float32
+    decode_here = pipe.vae.dtype == torch.float32 and half
     out = pipe(
-        prompt_embeds=prompt_embeds,
-        negative_prompt_embeds=negative_embeds,
+        **embeds,
         guidance_scale=settings.guidance_scale,
         num_inference_steps=settings.num_inference_steps,
         height=height,
         width=width,
         generator=generators,
-        output_type="pt",
+        output_type="latent" if decode_here else "pt",
         cross_attention_kwargs={"scale": settings.lora_scale},
         **control,
     )
+    if decode_here:  # the float32 VAE decodes in float32, not in autocast's half precision
+        with torch.autocast(pipe._execution_device.type, enabled=False):
+            latents = out.images.float() / pipe.vae.config.scaling_factor
+            images = pipe.vae.decode(latents, return_dict=False)[0]
+        return (images / 2 + 0.5).float().clamp(0, 1)  # (N, 3, H, W)
     return out.images.float().clamp(0, 1)  # (N, 3, H, W)

@@ -7,7 +7,10 @@ derived from the model configs so that it fits any SD 1.x-shaped model, the tiny
 - UNet -> ``model.diffusion_model.*`` (``input_blocks`` / ``middle_block`` / ``output_blocks``),
 - VAE -> ``first_stage_model.*`` (``encoder.down.{i}.block.{j}``, attention as 1x1 convolutions),
 - CLIP text encoder -> ``cond_stage_model.transformer.text_model.*`` (SD 1.x), or the OpenCLIP text encoder ->
-  ``cond_stage_model.model.*`` with fused q / k / v projections (SD 2.x).
+  ``cond_stage_model.model.*`` with fused q / k / v projections (SD 2.x);
+- SDXL (Stability AI's ``sgm`` layout): CLIP ViT-L -> ``conditioner.embedders.0.transformer.text_model.*``, OpenCLIP
+  bigG -> ``conditioner.embedders.1.model.*`` (with its ``text_projection``), the UNet's added-conditioning MLP ->
+  ``model.diffusion_model.label_emb.0.*``.
 
 This is what AUTOMATIC1111, ComfyUI and ``StableDiffusionPipeline.from_single_file`` load. Every key is mapped
 or the conversion fails: nothing is dropped silently.
@@ -25,6 +28,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x's OpenCLIP text encoder
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL's CLIP ViT-L
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's OpenCLIP bigG
 
 # Inside a UNet ResNet block: diffusers name -> LDM name.
 _UNET_RESNET = {
@@ -72,6 +77,8 @@ def unet_key_map(config: Mapping[str, Any]) -> dict[str, str]:
         "mid_block.attentions.0.": "middle_block.1.",
         "mid_block.resnets.1.": "middle_block.2.",
     }
+    if config.get("addition_embed_type") == "text_time":  # SDXL: the MLP of the pooled embedding and time ids
+        prefixes |= {"add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}
     for i in range(levels):
         for j in range(per_level):
             block = 1 + i * (per_level + 1) + j
@@ -140,13 +147,14 @@ def vae_to_original(state_dict: Mapping[str, Tensor], config: Mapping[str, Any])
     return out
 
 
-def text_encoder_to_original(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A transformers ``CLIPTextModel`` state dict in the original layout (``cond_stage_model.transformer.*``).
+def text_encoder_to_original(state_dict: Mapping[str, Tensor], prefix: str = TEXT_ENCODER_PREFIX) -> dict[str, Tensor]:
+    """A transformers ``CLIPTextModel`` state dict in the original layout (``cond_stage_model.transformer.*``; SDXL's
+    first encoder: ``prefix`` ``conditioner.embedders.0.transformer.``).
 
     transformers >= 5.6 dropped the ``text_model.`` level of ``CLIPTextModel``; the original layout keeps it.
     """
     return {
-        TEXT_ENCODER_PREFIX + (key if key.startswith("text_model.") else "text_model." + key): value
+        prefix + (key if key.startswith("text_model.") else "text_model." + key): value
         for key, value in state_dict.items()
     }
 
@@ -167,27 +175,33 @@ _OPENCLIP_TOP = {
 }
 
 
-def text_encoder_to_openclip(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """An SD 2.x text encoder (transformers ``CLIPTextModel``) in the original OpenCLIP layout (``cond_stage_model.model.*``).
+def text_encoder_to_openclip(state_dict: Mapping[str, Tensor], prefix: str = OPENCLIP_PREFIX) -> dict[str, Tensor]:
+    """An SD 2.x text encoder (transformers ``CLIPTextModel``) in the original OpenCLIP layout (``cond_stage_model.model.*``;
+    SDXL's second encoder, a ``CLIPTextModelWithProjection``: ``prefix`` ``conditioner.embedders.1.model.``).
 
     The inverse of diffusers' ``convert_open_clip_checkpoint``: each layer's q / k / v projections are concatenated into
-    ``attn.in_proj_weight`` / ``in_proj_bias`` in that order. The diffusers model holds the 23 layers that SD 2.x uses
-    (the penultimate layer's output); the original's unused 24th layer and ``text_projection`` have no counterpart and
-    are not written (AUTOMATIC1111, ComfyUI and diffusers load the file without them, and never use them).
+    ``attn.in_proj_weight`` / ``in_proj_bias`` in that order, and a projection is written as OpenCLIP's
+    ``text_projection`` (width x embedding: the transposed linear weight). The SD 2.x diffusers model holds the 23
+    layers that SD 2.x uses (the penultimate layer's output); the original's unused 24th layer and ``text_projection``
+    have no counterpart and are not written (AUTOMATIC1111, ComfyUI and diffusers load the file without them, and never
+    use them).
     """
     out: dict[str, Tensor] = {}
     fused: dict[str, dict[str, Tensor]] = {}
     for key, value in state_dict.items():
+        if key == "text_projection.weight":  # (embedding, width) linear -> OpenCLIP's (width, embedding) matrix
+            out[prefix + "text_projection"] = value.T.contiguous()
+            continue
         name = key.removeprefix("text_model.")
         if name in _OPENCLIP_TOP:
-            out[OPENCLIP_PREFIX + _OPENCLIP_TOP[name]] = value
+            out[prefix + _OPENCLIP_TOP[name]] = value
             continue
         if name == "embeddings.position_ids":  # a buffer, not a weight
             continue
         parts = name.split(".")
         if parts[:2] != ["encoder", "layers"] or len(parts) < 5:
             raise KeyError(f"text encoder weight {key!r} has no place in the OpenCLIP layout")
-        block = f"{OPENCLIP_PREFIX}transformer.resblocks.{parts[2]}."
+        block = f"{prefix}transformer.resblocks.{parts[2]}."
         inner = ".".join(parts[3:])
         if inner.startswith("self_attn.") and inner.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
             kind = inner.split(".")[-1]  # weight or bias
@@ -213,17 +227,27 @@ def to_original_layout(
     vae_config: Mapping[str, Any],
     text_encoder_state_dict: Mapping[str, Tensor],
     text_encoder_layout: str = "clip",
+    text_encoder_2_state_dict: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """One state dict in the layout of the original checkpoints (``v1-5-pruned.safetensors``, ``v2-1_768-ema-pruned``).
+    """One state dict in the layout of the original checkpoints (``v1-5-pruned.safetensors``, ``v2-1_768-ema-pruned``,
+    ``sd_xl_base_1.0.safetensors``).
 
     ``text_encoder_layout`` is the family's (:class:`lightning_modules.families.Family`): ``clip`` for SD 1.x,
-    ``openclip`` for SD 2.x.
+    ``openclip`` for SD 2.x, ``sdxl`` (both encoders; ``text_encoder_2_state_dict`` the second's) for SDXL.
     """
-    if text_encoder_layout not in ("clip", "openclip"):
+    if text_encoder_layout not in ("clip", "openclip", "sdxl"):
         raise ValueError(f"unknown text encoder layout {text_encoder_layout!r}")
-    to_original = text_encoder_to_openclip if text_encoder_layout == "openclip" else text_encoder_to_original
+    if text_encoder_layout == "sdxl":
+        if text_encoder_2_state_dict is None:
+            raise ValueError("the SDXL layout needs the second text encoder's weights")
+        text = text_encoder_to_original(text_encoder_state_dict, SDXL_CLIP_PREFIX)
+        text |= text_encoder_to_openclip(text_encoder_2_state_dict, SDXL_OPENCLIP_PREFIX)
+    elif text_encoder_layout == "openclip":
+        text = text_encoder_to_openclip(text_encoder_state_dict)
+    else:
+        text = text_encoder_to_original(text_encoder_state_dict)
     return {
         **unet_to_original(unet_state_dict, unet_config),
         **vae_to_original(vae_state_dict, vae_config),
-        **to_original(text_encoder_state_dict),
+        **text,
     }

@@ -110,6 +110,7 @@ def check_checkpoint_keys(keys: Iterable[str], path: str | Path, shape_of=None) 
     keys = list(keys)
     family = family_of_keys(keys, repr(str(path)), shape_of)
     parts = {UNET_PREFIX: "UNet", VAE_PREFIX: "VAE", family.text_encoder_prefix: "text encoder"}
+    parts |= {prefix: "first text encoder" for prefix in family.other_text_encoder_prefixes}  # SDXL's CLIP ViT-L
     missing = [f"{name} ({prefix}*)" for prefix, name in parts.items() if not any(k.startswith(prefix) for k in keys)]
     if missing:
         raise InputFileError(
@@ -130,7 +131,7 @@ def load_single_file_pipeline(
     torch_dtype: torch.dtype = torch.float32,
     **components: nn.Module,
 ) -> StableDiffusionPipeline:
-    """A ``StableDiffusionPipeline`` from a single-file SD 1.x / 2.x checkpoint, through diffusers' ``from_single_file``.
+    """The family's pipeline from a single-file SD 1.x / 2.x / SDXL checkpoint, through diffusers' ``from_single_file``.
 
     Args:
         path: The ``.safetensors`` (or ``.ckpt``, loaded with ``weights_only``) file.
@@ -142,14 +143,10 @@ def load_single_file_pipeline(
     path = Path(path)
     family = check_single_file(path)
     config = resolve_pretrained(config or family.single_file_config)
+    options = {k: v for k, v in family.pipeline_options.items() if k != "feature_extractor"}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=config,
-            torch_dtype=torch_dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-            **components,
+        pipe = family.pipeline_type().from_single_file(  # the family's pipeline: SDXL's reads conditioner.embedders
+            str(path), config=config, torch_dtype=torch_dtype, **options, **components
         )
     except Exception as e:  # diffusers' messages name neither the file nor the config; add both
         raise InputFileError(
@@ -164,6 +161,7 @@ def load_single_file_pipeline(
 def save_single_file(pipe: StableDiffusionPipeline, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write the pipeline's UNet, VAE and text encoder as one ``.safetensors`` in its family's original layout."""
     family = family_of_pipeline(pipe)
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second text encoder
     state = to_original_layout(
         pipe.unet.state_dict(),
         pipe.unet.config,
@@ -171,6 +169,7 @@ def save_single_file(pipe: StableDiffusionPipeline, path: str | Path, metadata: 
         pipe.vae.config,
         pipe.text_encoder.state_dict(),
         family.text_encoder_layout,
+        text_encoder_2.state_dict() if text_encoder_2 is not None else None,
     )
     state = {k: v.detach().contiguous() for k, v in state.items()}
     architecture = family.modelspec_architecture(is_v_prediction(pipe.scheduler.config))

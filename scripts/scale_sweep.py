@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parts = load_components(args.base)
     if args.lora:
-        load_lora_file(parts.unet, parts.text_encoder, args.lora)
-    for model in (parts.unet, parts.text_encoder, parts.vae):
+        load_lora_file(parts.unet, parts.text_encoder, args.lora, text_encoder_2=parts.text_encoder_2)
+    for model in (parts.unet, *parts.text_encoder_list(), parts.vae):  # SDXL: both text encoders
         model.to(args.device, DTYPES[args.dtype]).eval()
     pipe = build_pipeline(parts, args.sampler)
     clip_pretrained = None if args.clip_pretrained.lower() == "none" else args.clip_pretrained

@@ -1,5 +1,5 @@
-"""Base-model families: SD 2.x trains, exports and renders through the same code as SD 1.x; other families are refused
-by name before anything loads (``lightning_modules/families.py``)."""
+"""Base-model families: SD 2.x trains, exports and renders through the same code as SD 1.x (SDXL: tests/test_sdxl.py);
+other families are refused by name before anything loads (``lightning_modules/families.py``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from callbacks.run_dir import run_dir
-from lightning_modules.families import SD1, SD2, UnsupportedModelError, family_of_keys
+from lightning_modules.families import SD1, SD2, SDXL, UnsupportedModelError, family_of_keys
 from lightning_modules.sd_loading import check_model_path, detect_family, load_pipeline
 from lightning_modules.single_file import load_single_file_pipeline
 from train import cli_main
@@ -40,13 +40,30 @@ def test_families_of_the_builtin_models():
     assert detect_family(check_model_path("builtin:tiny-sd")) is SD1
     assert detect_family(check_model_path("builtin:toy-sd")) is SD1
     assert detect_family(check_model_path("builtin:tiny-sd2")) is SD2
+    assert detect_family(check_model_path("builtin:tiny-sdxl")) is SDXL
+
+
+def test_sdxl_base_is_told_from_its_configs(tmp_path):
+    sdxl_unet = {"in_channels": 4, "addition_embed_type": "text_time", "cross_attention_dim": 2048}
+    te2 = ["transformers", "CLIPTextModelWithProjection"]
+    folder = _fake_folder(
+        tmp_path, "StableDiffusionXLPipeline", sdxl_unet, {"hidden_act": "quick_gelu"}, text_encoder_2=te2
+    )
+    assert detect_family(check_model_path(str(folder))) is SDXL
 
 
 @pytest.mark.parametrize(
     ("pipeline", "unet", "index", "named"),
     [
-        ("StableDiffusionXLPipeline", {"in_channels": 4}, {}, "SDXL"),
+        ("StableDiffusionXLPipeline", {"in_channels": 4}, {}, "SDXL-like"),  # no added conditioning: not SDXL base
         ("StableDiffusionXLImg2ImgPipeline", {"in_channels": 4}, {}, "SDXL (refiner"),
+        (  # the refiner: OpenCLIP bigG alone (no first text encoder), added time ids
+            "StableDiffusionXLPipeline",
+            {"in_channels": 4, "addition_embed_type": "text_time", "cross_attention_dim": 1280},
+            {"text_encoder": [None, None], "text_encoder_2": ["transformers", "X"]},
+            "SDXL refiner",
+        ),
+        ("StableDiffusionXLPipeline", {"in_channels": 9, "addition_embed_type": "text_time"}, {}, "SDXL inpainting"),
         ("StableDiffusion3Pipeline", {"in_channels": 16}, {}, "Stable Diffusion 3"),
         ("FluxPipeline", {"in_channels": 64}, {}, "Flux"),
         ("StableDiffusionPipeline", {"in_channels": 9}, {}, "inpainting"),
@@ -61,7 +78,7 @@ def test_other_families_are_refused_by_name(tmp_path, pipeline, unet, index, nam
 
 
 def test_another_family_is_refused_from_the_command_line_before_any_work(tmp_path, run_args):
-    folder = _fake_folder(tmp_path, "StableDiffusionXLPipeline", {"in_channels": 4})
+    folder = _fake_folder(tmp_path, "StableDiffusionXLImg2ImgPipeline", {"in_channels": 4})
     args = run_args("--model.pretrained_model_name_or_path", str(folder), "--data.num_class_images=8")
     result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -85,9 +102,11 @@ def test_single_files_are_told_apart_by_their_keys(tmp_path):
     refiner = {vae: (1,), unet: (8, 4, 3, 3), "conditioner.embedders.0.model.ln_final.weight": (1,)}
     assert detect_family(str(_single_file(tmp_path / "sd1.safetensors", sd1))) is SD1
     assert detect_family(str(_single_file(tmp_path / "sd2.safetensors", sd2))) is SD2
+    assert detect_family(str(_single_file(tmp_path / "xl.safetensors", sdxl))) is SDXL
+    xl_inpaint = {**sdxl, unet: (8, 9, 3, 3)}
     for name, keys, named in (
         ("inpaint", inpaint, "inpainting"),
-        ("xl", sdxl, "SDXL"),
+        ("xl_inpaint", xl_inpaint, "SDXL inpainting"),
         ("refiner", refiner, "refiner"),
     ):
         path = _single_file(tmp_path / f"{name}.safetensors", keys)

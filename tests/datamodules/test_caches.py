@@ -51,7 +51,8 @@ def test_cached_batches_carry_latents_and_text_embeddings(tmp_path, toy_subject_
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"latent_mean", "latent_std", "prompt_embeds", "prompts", "is_prior"}  # no pixels, no VAE
+    expected = {"latent_mean", "latent_std", "prompt_embeds", "prompts", "is_prior", "original_sizes", "crop_top_lefts"}
+    assert set(batch) == expected  # no pixels, no VAE
     assert batch["latent_mean"].shape == batch["latent_std"].shape == (4, 4, 16, 16)  # tiny-sd: VAE factor 4
     assert (batch["latent_std"] > 0).all()
     assert batch["prompt_embeds"].shape == (4, 77, 32)

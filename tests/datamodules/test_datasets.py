@@ -99,7 +99,7 @@ def test_collate_puts_a_prior_mask_on_the_class_rows(tmp_path):
     cls = [_solid(tmp_path / "c.png", (0, 0, 0))]
     ds = DreamBoothDataset(inst, "a photo of sks dog", 16, class_images=cls, class_prompt="a photo of dog")
     batch = collate_dreambooth([ds[0], ds[1], ds[2]])
-    assert set(batch) == {"pixel_values", "prompts", "is_prior"}
+    assert set(batch) == {"pixel_values", "prompts", "is_prior", "original_sizes", "crop_top_lefts"}
     assert batch["pixel_values"].shape == (6, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
     assert batch["is_prior"].dtype == torch.bool
     assert batch["is_prior"].tolist() == [False, False, False, True, True, True]
@@ -114,3 +114,31 @@ def test_collate_without_class_images_has_no_prior_rows(tmp_path):
     batch = collate_dreambooth([ds[0], ds[0]])
     assert batch["pixel_values"].shape == (2, 3, 16, 16)
     assert batch["is_prior"].tolist() == [False, False] and batch["prompts"] == ["p", "p"]
+
+
+def test_size_and_crop_of_each_row_leave_the_random_draws_as_they_were(tmp_path):
+    """Each row's ``original_sizes`` / ``crop_top_lefts`` (SDXL's size conditioning) are read without drawing: the
+    pixels under a random crop and flip are those of the plain transform from the same seed, and the recorded crop is
+    where those pixels were cut from the resized photo."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from datamodules.datasets import DreamBoothDataset, collate_dreambooth, image_transform
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 70, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    ds = DreamBoothDataset([tmp_path / "wide.png"], "a sks x", 32, center_crop=False, random_flip=False)
+    torch.manual_seed(3)
+    batch = collate_dreambooth([ds[0], ds[0]])
+    torch.manual_seed(3)
+    plain = image_transform(32, center_crop=False)
+    image = Image.open(tmp_path / "wide.png").convert("RGB")
+    expected = torch.stack([plain(image), plain(image)])
+    assert torch.equal(batch["pixel_values"], expected)  # the same draws as before the sizes were recorded
+    assert batch["original_sizes"].tolist() == [[40, 70], [40, 70]]
+    resized = plain.transforms[0](image)  # 56 x 32 (w x h)
+    for row, (top, left) in enumerate(batch["crop_top_lefts"].tolist()):
+        crop = resized.crop((left, top, left + 32, top + 32))
+        assert torch.equal(plain.transforms[3](plain.transforms[2](crop)), batch["pixel_values"][row])
+    assert batch["crop_top_lefts"][:, 0].eq(0).all() and batch["crop_top_lefts"][:, 1].le(56 - 32).all()

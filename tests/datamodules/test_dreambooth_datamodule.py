@@ -68,7 +68,7 @@ def test_fit_batches_without_prior_preservation(toy_subject_dir):
     batch = next(iter(loader))
     assert batch["pixel_values"].shape == (3, 3, 64, 64)
     assert batch["is_prior"].tolist() == [False] * 3 and batch["prompts"] == [INSTANCE] * 3
-    assert set(batch) == {"pixel_values", "prompts", "is_prior"}
+    assert set(batch) == {"pixel_values", "prompts", "is_prior", "original_sizes", "crop_top_lefts"}
 
 
 def test_fit_batches_with_prior_preservation_use_the_first_class_images(tmp_path, toy_subject_dir, class_images_dir):
