@@ -14,7 +14,9 @@ CLIP-I, and DIV = 1 - their mean pairwise DINO cosine, the offline DIV's distanc
 validation at step 0: the base model), and one trained row per recipe: the demo's fit (``configs/demo.yaml`` through
 the CLI, ``bench.common.toy_fit``: LoRA rank 4 on UNet + text encoder, prior preservation) with that recipe switched
 on. ``full`` is full UNet fine-tuning at 2e-4 (``bench/toy_effect.py``'s), ``loha 4x`` LoHa at 4x the demo's rates
-(its better rate in ``bench/toy_adapters.py``). Each trained row's metrics are its run's validation at the last step
+(its better rate in ``bench/toy_adapters.py``), ``lokr 4x`` likewise, ``adafactor`` at the demo's rates, ``lion`` at a
+third of them with beta2 0.99 and 3x the weight decay (the usual Lion settings). ``prodigy`` (learning rate 1.0, beta2
+0.99) runs only when asked for (``--rows ... prodigy``): it needs ``pip install prodigyopt``. Each trained row's metrics are its run's validation at the last step
 (toy DINO, CLIP-I, CLIP-T, PRES, DIV over the demo's 4 validation prompts x 2 images); mean and spread over subjects x
 seeds, and each recipe's difference from ``lora`` paired by subject and seed.
 """
@@ -57,10 +59,24 @@ ROWS = {
     "input_perturbation 0.1": ("--model.input_perturbation=0.1",),
     "ema_decay 0.999": ("--model.ema_decay=0.999",),
     "new_tokens": ("--data.new_tokens=[<s0>, <s1>]", "--model.new_token_init=ball"),
+    "lokr 4x": ("--model.adapter=lokr", *FAST),
+    "adafactor": ("--model.optimizer=adafactor",),
+    "lion": (
+        "--model.optimizer=lion",
+        "--model.learning_rate=3e-4",
+        "--model.text_encoder_lr=1.5e-4",
+        "--model.adam_beta2=0.99",
+        "--model.adam_weight_decay=3e-2",
+    ),
+    "prodigy": (
+        "--model.optimizer=prodigy",
+        "--model.learning_rate=1.0",
+        "--model.text_encoder_lr=1.0",
+        "--model.adam_beta2=0.99",
+    ),  # needs: pip install prodigyopt (not in requirements.lock)
 }
-DEFAULT_ROWS = tuple(ROWS)
+DEFAULT_ROWS = tuple(row for row in ROWS if row != "prodigy")
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
-HEADERS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "pres": "PRES", "div": "DIV"}
 
 
 def draw_subjects(root: Path, names, num_images: int = 5, resolution: int = 32) -> dict[str, Path]:
@@ -152,8 +168,8 @@ def table(results: list[dict]) -> list[str]:
     if lora and recipes:
         lines += [
             "",
-            "Each row minus `lora` on the same subject and seed (mean ± std over the pairs; `*`: |mean| > std, the "
-            "sign holds across subjects and seeds; otherwise no measurable effect):",
+            "Each row minus `lora` on the same subject and seed: mean ± std over the pairs, `*` where |mean| > std "
+            "(a consistent difference; otherwise no measurable effect), and in how many pairs it is above 0:",
             "",
             "| row - lora | pairs | DINO | CLIP-I | CLIP-T | PRES (lower is better) | DIV |",
             "|---|---:|---:|---:|---:|---:|---:|",
@@ -167,7 +183,8 @@ def table(results: list[dict]) -> list[str]:
                 mark = ""
                 if len(diffs) > 1 and abs(statistics.fmean(diffs)) > statistics.stdev(diffs):
                     mark = " *"
-                cells.append(f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs):.3f}{mark}"
+                above = f" ({sum(d > 0 for d in diffs)}/{len(diffs)})"
+                cells.append(f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs):.3f}{mark}{above}"
                              if len(diffs) > 1 else f"{diffs[0]:+.3f}" if diffs else "n/a")  # fmt: skip
             lines.append(f"| {row} | {len(pairs)} | " + " | ".join(cells) + " |")
     subjects = list(dict.fromkeys(r["subject"] for r in results))
@@ -194,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--subjects", nargs="+", choices=list(SUBJECTS), default=list(SUBJECTS))
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(DEFAULT_ROWS),
-                        help="trained rows (ceiling and base always; base comes from the lora row)")  # fmt: skip
+                        help="trained rows (default: all but prodigy; ceiling always, base with the lora row)")  # fmt: skip
     parser.add_argument("--override", action="append", default=[], metavar="--KEY=VALUE",
                         help="a CLI override added to every fit (repeatable; e.g. --override=--model.sampling."
                              "num_inference_steps=2 for a quick check)")  # fmt: skip

@@ -58,8 +58,8 @@ def test_table_pairs_each_recipe_with_lora_and_marks_consistent_differences():
     lines = table(results)
     dora = next(line for line in lines if line.startswith("| dora | 4 | +"))
     cells = dora.split(" | ")
-    assert cells[2] == "+0.050 ± 0.000 *"  # DINO: the same gain on every pair
-    assert cells[3].startswith("+0.000 ± 0.115") and "*" not in cells[3]  # CLIP-I: signs differ, no effect
+    assert cells[2] == "+0.050 ± 0.000 * (4/4)"  # DINO: the same gain on every pair
+    assert cells[3] == "+0.000 ± 0.115 (2/4)"  # CLIP-I: signs differ, no effect
     assert any(line.startswith("| ceiling | 2 | 0.700 ± 0.000 | 0.900 ± 0.000 | n/a | n/a | 0.300") for line in lines)
 
 
