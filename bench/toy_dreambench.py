@@ -24,6 +24,7 @@ seeds, and each recipe's difference from ``lora`` paired by subject and seed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
     parser.add_argument("--raw", type=Path, default=None, help="append every result as a JSON line to this file")
     args = parser.parse_args(argv)
+    if "prodigy" in args.rows and importlib.util.find_spec("prodigyopt") is None:
+        parser.error("--rows prodigy needs the prodigyopt package (pip install prodigyopt); leave the row out")
     start = time.perf_counter()
     load = machine()
     results = measure(args.steps, args.seeds, args.subjects, args.rows, args.override, args.raw)

@@ -3,9 +3,11 @@ reduced run goes end to end through the CLI (so the benchmark does not rot)."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import numpy as np
+import pytest
 
 from bench.toy_dreambench import ROWS, SUBJECTS, draw_subjects, main, table
 from datamodules.toy_subject import DEMO_LOOK, draw_toy_image, draw_toy_photo_and_mask
@@ -75,3 +77,10 @@ def test_reduced_run_goes_end_to_end(tmp_path):
     text = out.read_text()
     assert "| lora | 1 | " in text and "| base | 1 | " in text and "Command: `OMP_NUM_THREADS=1" in text
     assert set(ROWS) >= {"lora", "full", "dora", "loha 4x", "new_tokens"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("prodigyopt") is not None, reason="prodigyopt is installed here")
+def test_prodigy_row_without_its_package_stops_before_any_fit(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--rows", "lora", "prodigy"])
+    assert stop.value.code == 2 and "pip install prodigyopt" in capsys.readouterr().err
