@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -224,8 +225,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     load = machine()
     results = measure(args.steps, args.seeds, args.subjects, args.rows, args.override, args.raw)
-    command = " ".join(
-        ["OMP_NUM_THREADS=1 python bench/toy_dreambench.py", *(argv if argv is not None else sys.argv[1:])]
+    command = "OMP_NUM_THREADS=1 python bench/toy_dreambench.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
     )
     from os import getloadavg
 
