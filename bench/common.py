@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -167,16 +168,24 @@ def toy_bench_parser(doc: str | None, steps: int = 120, seeds: list[int] | None 
 
 
 def write_report(
-    title: str, script: str, argv: list[str] | None, start: float, lines: list[str], out: Path | None
+    title: str,
+    script: str,
+    argv: list[str] | None,
+    start: float,
+    lines: list[str],
+    out: Path | None,
+    machine_text: str | None = None,
 ) -> str:
-    """A benchmark's markdown report: ``title``, the machine, date, wall time since ``start`` (``time.perf_counter``)
-    and the command that reran it, then ``lines``; printed, and written atomically to ``out`` when given."""
+    """A benchmark's markdown report: ``title``, the machine (``machine_text``, e.g. :func:`machine` taken at the
+    start; by default taken now), date, wall time since ``start`` (``time.perf_counter``) and the command that reruns
+    it, then ``lines``; printed, and written atomically to ``out`` when given."""
     args = argv if argv is not None else sys.argv[1:]
-    command = " ".join([f"OMP_NUM_THREADS=1 python {script}", *args])
+    command = f"OMP_NUM_THREADS=1 python {script} " + shlex.join(args)
     header = [
         f"# {title}",
         "",
-        f"{machine()}, {time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s. Command: `{command}`",
+        f"{machine_text or machine()}, {time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s. "
+        f"Command: `{command.strip()}`",
         "",
     ]
     text = "\n".join(header + lines) + "\n"

@@ -23,10 +23,8 @@ seeds, and each recipe's difference from ``lora`` paired by subject and seed.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import shlex
 import statistics
 import sys
 import tempfile
@@ -35,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, toy_fit  # noqa: E402
+from bench.common import machine, toy_bench_parser, toy_fit, write_report  # noqa: E402
 from datamodules.toy_subject import DEMO_LOOK, ToyLook  # noqa: E402
 
 SUBJECTS = {
@@ -208,16 +206,13 @@ def table(results: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per fit (the demo's 120)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser = toy_bench_parser(__doc__, seeds=[0, 1])  # --steps (the demo's 120), --seeds, --out
     parser.add_argument("--subjects", nargs="+", choices=list(SUBJECTS), default=list(SUBJECTS))
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(DEFAULT_ROWS),
                         help="trained rows (default: all but prodigy; ceiling always, base with the lora row)")  # fmt: skip
     parser.add_argument("--override", action="append", default=[], metavar="--KEY=VALUE",
                         help="a CLI override added to every fit (repeatable; e.g. --override=--model.sampling."
                              "num_inference_steps=2 for a quick check)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
     parser.add_argument("--raw", type=Path, default=None, help="append every result as a JSON line to this file")
     args = parser.parse_args(argv)
     if "prodigy" in args.rows and importlib.util.find_spec("prodigyopt") is None:
@@ -225,17 +220,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     load = machine()
     results = measure(args.steps, args.seeds, args.subjects, args.rows, args.override, args.raw)
-    command = "OMP_NUM_THREADS=1 python bench/toy_dreambench.py " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
     from os import getloadavg
 
     lines = [
-        f"# bench/toy_dreambench.py: a toy DreamBench, builtin:toy-sd, {args.steps} steps per fit",
-        "",
-        f"{load}, {getloadavg()[0]:.1f} at the end, {time.strftime('%Y-%m-%d')}, "
-        f"{time.perf_counter() - start:.0f} s in all. Command: `{command}`",
-        "",
         f"Subjects: {', '.join(args.subjects)} (5 photos each, 32 px); seeds: {', '.join(map(str, args.seeds))}. "
         "Toy encoders (builtin:toy-dino, builtin:toy-clip); DINO, CLIP-I, CLIP-T, DIV higher is better, PRES lower; "
         "DIV is 1 - DINO cosine among renders of a prompt. ceiling: the photos against each other (no CLIP-T, PRES); "
@@ -244,12 +231,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "",
         *table(results),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out is not None:
-        from lightning_modules.safe_files import atomic_write_text
-
-        atomic_write_text(args.out, text)
+    title = f"bench/toy_dreambench.py: a toy DreamBench, builtin:toy-sd, {args.steps} steps per fit"
+    at_end = f"{load}, {getloadavg()[0]:.1f} at the end"
+    write_report(title, "bench/toy_dreambench.py", argv, start, lines, args.out, at_end)
     return results
 
 
