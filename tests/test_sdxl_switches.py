@@ -1,7 +1,8 @@
 """The switches merged beside SDXL, on ``builtin:tiny-sdxl`` through the CLI: adapters (DoRA, LoHa, LoKr) on the UNet
 and both text encoders, their kohya / LyCORIS files applied as ComfyUI applies them under kohya sd-scripts' SDXL names
 (``lora_unet_input_blocks_...``, ``lora_te1_``, ``lora_te2_``), DoRA loaded by diffusers' StableDiffusionXLPipeline;
-the held-out val/loss; aspect-ratio buckets (each row's size and crop in the UNet's time ids); captions with masks.
+the held-out val/loss; aspect-ratio buckets (each row's size and crop in the UNet's time ids); captions with masks;
+pivotal tuning (new tokens in both tokenizers and text encoders, exported as ``clip_l`` / ``clip_g``).
 
 ComfyUI's SDXL key map (``comfy/lora.py`` ``model_lora_keys_unet`` / ``model_lora_keys_clip``): ``lora_unet_`` + the
 original-layout UNet key without ``diffusion_model.`` and ``.weight``, ``.`` as ``_``; ``lora_te1_`` / ``lora_te2_`` +
@@ -231,3 +232,105 @@ def test_sdxl_captions_and_masks_in_one_fit(tmp_path, toy_subject_dir):
     for weight in rec.loss_weights:  # the masks reached the loss: half of each row weighs 0
         assert weight is not None and 0 < float(weight.mean()) < 1
     assert (run_dir(cli.trainer) / "export" / KOHYA_WEIGHT_NAME).exists()
+
+
+# ----------------------------------------------------------------------------------------- pivotal tuning
+TOKENS = ("--data.new_tokens=[<s0>, <s1>]", "--model.new_token_init=ball", "--model.new_token_lr=0.05")
+PIVOTAL_PROMPT = "a photo of <s0><s1> ball"  # "a photo of sks ball" as the text encoders read it
+
+
+def _render_xl(pipe) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    out = pipe(PIVOTAL_PROMPT, num_inference_steps=2, guidance_scale=1.0, height=64, width=64, generator=g,
+               output_type="np")  # fmt: skip
+    return out.images
+
+
+@pytest.fixture(scope="module")
+def pivotal_xl(tmp_path_factory, toy_subject_dir):
+    """Two new tokens on SDXL: UNet LoRA, both text encoders frozen but for the new tokens' rows; 3 steps."""
+    root = tmp_path_factory.mktemp("xl_pivotal")
+    cli = _fit(root, toy_subject_dir, *TOKENS, *QUIET, "--model.train_text_encoder=false", steps=3)
+    return cli, run_dir(cli.trainer)
+
+
+def test_sdxl_new_tokens_train_in_both_encoders_and_export_clip_l_and_clip_g(pivotal_xl):
+    from lightning_modules.new_tokens import EMBEDDINGS_NAME
+
+    cli, folder = pivotal_xl
+    module = cli.model
+    (last,) = folder.rglob("last.ckpt")
+    saved = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    rows = {k: v for k, v in saved.items() if k.startswith("text_encoder")}
+    assert len(rows) == 2 and all(k.endswith("token_embedding.new") for k in rows)  # only the new rows are saved
+    (l_key,) = [k for k in rows if k.startswith("text_encoder.")]
+    (g_key,) = [k for k in rows if k.startswith("text_encoder_2.")]
+    exported = load_file(folder / "export" / EMBEDDINGS_NAME)
+    assert set(exported) == {"clip_l", "clip_g"}  # AUTOMATIC1111's / ComfyUI's SDXL embedding keys
+    assert torch.equal(exported["clip_l"], rows[l_key]) and torch.equal(exported["clip_g"], rows[g_key])
+    for key, encoder, tokenizer in (
+        ("clip_l", "text_encoder", "tokenizer"),
+        ("clip_g", "text_encoder_2", "tokenizer_2"),
+    ):
+        base = load_pipeline(MODEL)
+        table, tok = getattr(base, encoder).get_input_embeddings().weight, getattr(base, tokenizer)
+        ball = table[tok("ball", add_special_tokens=False).input_ids].mean(0)
+        assert exported[key].shape == (2, table.shape[1]) == (2, getattr(module, encoder).config.hidden_size)
+        assert not torch.allclose(exported[key][0], ball), f"{key}: the new rows did not train"
+        ids = getattr(module.parts, tokenizer)(PIVOTAL_PROMPT).input_ids
+        assert ids.count(table.shape[0]) == 1 and ids.count(table.shape[0] + 1) == 1  # each tokenizer has both
+    assert exported["clip_l"].shape[1] != exported["clip_g"].shape[1]  # tiny-sdxl: the encoders' widths differ
+    groups = {g["name"]: len(g["params"]) for g in cli.trainer.optimizers[0].param_groups}
+    assert groups["new_tokens"] == 2 and "text_encoder" not in groups and "text_encoder_2" not in groups
+
+
+def test_sdxl_new_tokens_load_in_diffusers_and_render_like_the_trained_module(pivotal_xl):
+    from diffusers import StableDiffusionXLPipeline
+
+    from lightning_modules.export import load_export
+    from lightning_modules.new_tokens import EMBEDDINGS_NAME
+
+    cli, folder = pivotal_xl
+    export, module = folder / "export", cli.model
+    base = load_pipeline(MODEL)
+    trained = StableDiffusionXLPipeline(
+        **{**base.components, "unet": module.unet, "text_encoder": module.text_encoder,
+           "text_encoder_2": module.text_encoder_2, "tokenizer": module.parts.tokenizer,
+           "tokenizer_2": module.parts.tokenizer_2},
+        add_watermarker=False,
+    )  # fmt: skip
+    expected = _render_xl(trained)
+
+    pipe = load_pipeline(MODEL)
+    pipe.load_lora_weights(export, weight_name=LORA_WEIGHT_NAME)
+    without = _render_xl(pipe)
+    state = load_file(export / EMBEDDINGS_NAME)
+    pipe.load_textual_inversion(
+        state["clip_l"], token=["<s0>", "<s1>"], text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+    pipe.load_textual_inversion(
+        state["clip_g"], token=["<s0>", "<s1>"], text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )  # diffusers' own loader, as the README says
+    np.testing.assert_allclose(_render_xl(pipe), expected, atol=1e-5)
+    assert np.abs(without - expected).max() > 1e-3, "the new tokens change nothing: the test shows nothing"
+    np.testing.assert_allclose(_render_xl(load_export(export)), expected, atol=1e-5)
+
+
+def test_sdxl_predict_with_new_tokens_from_export_and_checkpoint(pivotal_xl, tmp_path):
+    _, folder = pivotal_xl
+
+    def predict(*overrides: str) -> np.ndarray:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        cli_main(
+            ["predict", "--config", str(folder / "config.yaml"), "--trainer.logger=false",
+             "--trainer.enable_progress_bar=false", '--data.predict_prompts=["a photo of {identifier} {class_noun}"]',
+             "--model.sampling.num_inference_steps=2", "--model.sampling.num_images_per_prompt=1",
+             f"--render.dirpath={out}", *overrides]
+        )  # fmt: skip
+        (png,) = sorted(out.glob("0*.png"))
+        return np.asarray(Image.open(png), dtype=np.int16)
+
+    (last,) = folder.rglob("last.ckpt")
+    from_export = predict(f"--model.lora_weights={folder / 'export'}")
+    assert np.abs(from_export - predict("--ckpt_path", str(last))).max() <= 1
