@@ -2,7 +2,8 @@
 and both text encoders, their kohya / LyCORIS files applied as ComfyUI applies them under kohya sd-scripts' SDXL names
 (``lora_unet_input_blocks_...``, ``lora_te1_``, ``lora_te2_``), DoRA loaded by diffusers' StableDiffusionXLPipeline;
 the held-out val/loss; aspect-ratio buckets (each row's size and crop in the UNet's time ids); captions with masks;
-pivotal tuning (new tokens in both tokenizers and text encoders, exported as ``clip_l`` / ``clip_g``).
+pivotal tuning (new tokens in both tokenizers and text encoders, exported as ``clip_l`` / ``clip_g``); EMA with the
+loss recipes; two concepts.
 
 ComfyUI's SDXL key map (``comfy/lora.py`` ``model_lora_keys_unet`` / ``model_lora_keys_clip``): ``lora_unet_`` + the
 original-layout UNet key without ``diffusion_model.`` and ``.weight``, ``.`` as ``_``; ``lora_te1_`` / ``lora_te2_`` +
@@ -334,3 +335,48 @@ def test_sdxl_predict_with_new_tokens_from_export_and_checkpoint(pivotal_xl, tmp
     (last,) = folder.rglob("last.ckpt")
     from_export = predict(f"--model.lora_weights={folder / 'export'}")
     assert np.abs(from_export - predict("--ckpt_path", str(last))).max() <= 1
+
+
+# ----------------------------------------------------------------------------------------- EMA, loss recipes, concepts
+def test_sdxl_ema_with_the_loss_recipes_exports_the_average(tmp_path, toy_subject_dir):
+    """EMA of the UNet's and both text encoders' adapters, with min-SNR weighting, offset noise and input perturbation
+    on: the export holds the average (a text_encoder_2 weight checked), which is not the raw weights."""
+    recipes = ("--model.snr_gamma=5", "--model.noise_offset=0.05", "--model.input_perturbation=0.1")
+    cli = _fit(tmp_path, toy_subject_dir, *QUIET, "--model.ema_decay=0.5", *recipes, steps=3)
+    folder = run_dir(cli.trainer)
+    (last,) = folder.rglob("last.ckpt")
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    shadow, raw = ckpt["ema"]["shadow"], ckpt["state_dict"]
+    assert ckpt["ema"]["num_updates"] == 3 and set(shadow) == set(raw)
+    export = load_file(folder / "export" / LORA_WEIGHT_NAME)
+    (name,) = [k for k in raw if k.startswith("text_encoder_2.") and "layers.0.self_attn.q_proj.lora_B" in k]
+    up = "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight"  # diffusers' name
+    exported = export[up]
+    assert torch.equal(exported, shadow[name]) and not torch.equal(shadow[name], raw[name])
+    assert all(torch.isfinite(v).all() for v in export.values())
+
+
+def test_sdxl_two_concepts_each_with_its_prompt(tmp_path, toy_subject_dir):
+    import yaml
+
+    from tests.helpers import RecordPrompts
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for photo in sorted(toy_subject_dir.glob("*.png"))[:2]:
+        with Image.open(photo) as im:
+            Image.fromarray(255 - np.asarray(im.convert("RGB"))).save(other / photo.name)
+    concepts = [
+        {"name": "ball", "instance_data_dir": str(toy_subject_dir), "instance_prompt": "a photo of sks ball"},
+        {"name": "inverted", "instance_data_dir": str(other), "instance_prompt": "a photo of zwx ball",
+         "identifier": "zwx"},
+    ]  # fmt: skip
+    overlay = tmp_path / "concepts.yaml"
+    overlay.write_text(
+        yaml.safe_dump({"data": {"instance_data_dir": None, "instance_prompt": None, "concepts": concepts}})
+    )
+    cli = _fit(tmp_path, toy_subject_dir, *QUIET, "--config", str(overlay),
+               "--trainer.callbacks+=tests.helpers.RecordPrompts", steps=3)  # fmt: skip
+    rec = next(c for c in cli.trainer.callbacks if isinstance(c, RecordPrompts))
+    rows = [p for batch in rec.prompts for p in batch]  # one epoch: 4 + 2 items, 3 batches of 2
+    assert rows.count("a photo of sks ball") == 4 and rows.count("a photo of zwx ball") == 2
