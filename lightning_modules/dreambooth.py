@@ -353,14 +353,12 @@ class DreamBoothModule(pl.LightningModule):
         for module in unread_text_encoder_parts(parts.family, text_encoders):  # SDXL: the first encoder's last layer
             module.requires_grad_(False)
         if hp.get("new_tokens"):  # pivotal tuning: the new tokens' rows train (from an export: rendering)
-            if len(parts.family.text_encoders) > 1:
-                raise ConfigError(
-                    f"data.new_tokens (pivotal tuning) is not supported for {parts.family.label} yet (its two text "
-                    "encoders would each need the new tokens); train with a rare identifier instead."
-                )
-            emb = add_new_tokens(parts.tokenizer, parts.text_encoder, hp.new_tokens, hp.new_token_init)
+            embs = [  # each tokenizer gets the tokens, each text encoder rows of its own (SDXL: both)
+                add_new_tokens(tokenizer, text_encoder, hp.new_tokens, hp.new_token_init)
+                for tokenizer, text_encoder in zip(parts.tokenizer_list(), parts.text_encoder_list(), strict=True)
+            ]
             if hp.lora_weights:
-                load_embedding_file(emb, resolve_lora_file(hp.lora_weights).parent)
+                load_embedding_file(embs, resolve_lora_file(hp.lora_weights).parent, parts.family.embedding_keys)
         if hp.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
             if hp.train_text_encoder:
@@ -393,15 +391,19 @@ class DreamBoothModule(pl.LightningModule):
             self.hparams.train_text_encoder or (self.hparams.get("new_tokens") and not self.hparams.lora_weights)
         )
 
-    def new_token_embedding(self) -> NewTokenEmbedding | None:
-        """The text encoder's token embedding with the new tokens' rows (data.new_tokens), or None."""
-        emb = self.text_encoder.get_input_embeddings() if self.text_encoder is not None else None
-        return emb if isinstance(emb, NewTokenEmbedding) else None
+    def new_token_embeddings(self) -> list[NewTokenEmbedding]:
+        """Each text encoder's token embedding with the new tokens' rows (data.new_tokens); empty without them."""
+        if self.parts is None:
+            return []
+        encoders = [getattr(self, name) for name in self.parts.family.text_encoders]
+        embs = [te.get_input_embeddings() if te is not None else None for te in encoders]
+        return [e for e in embs if isinstance(e, NewTokenEmbedding)]
 
     def new_token_state(self) -> dict[str, torch.Tensor] | None:
-        """The export's embedding file (``emb_params``), or None without new tokens."""
-        emb = self.new_token_embedding()
-        return embedding_file_state(emb) if emb is not None else None
+        """The export's embedding file (the family's keys: ``emb_params``; SDXL ``clip_l`` / ``clip_g``), or None
+        without new tokens."""
+        embs = self.new_token_embeddings()
+        return embedding_file_state(embs, self.parts.family.embedding_keys) if embs else None
 
     def text_for_encoder(self, prompts: list[str]) -> list[str]:
         """Prompts as the text encoder reads them: the identifier word becomes the new tokens (data.new_tokens)."""
@@ -577,8 +579,7 @@ class DreamBoothModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        emb = self.new_token_embedding()
-        new_rows = emb.new if emb is not None and emb.new.requires_grad else None
+        new_rows = [emb.new for emb in self.new_token_embeddings() if emb.new.requires_grad]
         groups = param_groups(
             self.unet, self.text_encoder, hp.learning_rate, hp.text_encoder_lr, self.text_encoder_2,
             new_tokens=new_rows, new_token_lr=hp.new_token_lr,

@@ -44,7 +44,7 @@ from lightning_modules.lora_formats import (
     save_kohya_lora,
     with_text_model_prefix,
 )
-from lightning_modules.new_tokens import EMBEDDING_KEY, EMBEDDINGS_NAME
+from lightning_modules.new_tokens import EMBEDDINGS_NAME
 from lightning_modules.safe_files import atomic_directory
 from lightning_modules.sd_loading import load_pipeline
 from lightning_modules.single_file import save_single_file
@@ -207,8 +207,15 @@ def load_export(export_dir: str | Path, torch_dtype: torch.dtype = torch.float32
     )
     pipe = load_lora_into_pipeline(pipe, folder / LORA_WEIGHT_NAME)
     if info.get("new_tokens"):  # pivotal tuning: the new tokens, through diffusers' textual-inversion loader
-        vectors = load_file(str(folder / EMBEDDINGS_NAME))[EMBEDDING_KEY]  # (k, D)
-        pipe.load_textual_inversion(list(vectors), token=info["new_tokens"])
+        state = load_file(str(folder / EMBEDDINGS_NAME))  # (k, D) per text encoder, under the family's key
+        family = family_of_pipeline(pipe)
+        for key, encoder, tokenizer in zip(family.embedding_keys, family.text_encoders, family.tokenizers, strict=True):
+            pipe.load_textual_inversion(
+                state[key],
+                token=info["new_tokens"],
+                text_encoder=getattr(pipe, encoder),
+                tokenizer=getattr(pipe, tokenizer),
+            )
     return pipe
 
 

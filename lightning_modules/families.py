@@ -71,6 +71,8 @@ class Family:
             as sd-scripts names SD 1.x / 2.x) or ``original`` (``input_blocks_4_1``, as sd-scripts names SDXL).
         kohya_base_model_version: kohya's ``ss_base_model_version`` header entry.
         other_text_encoder_prefixes: Where the other text encoders' weights live in a single file (SDXL's CLIP ViT-L).
+        embedding_keys: The key of each text encoder's vectors in a textual-inversion embedding file, as AUTOMATIC1111
+            and ComfyUI read it (``emb_params``; SDXL ``clip_l`` / ``clip_g``, ComfyUI's ``comfy/sdxl_clip.py``).
     """
 
     name: str
@@ -92,6 +94,7 @@ class Family:
     kohya_unet_layout: str = "diffusers"
     kohya_base_model_version: str = "sd_v1"
     other_text_encoder_prefixes: tuple[str, ...] = ()
+    embedding_keys: tuple[str, ...] = ("emb_params",)
 
     def modelspec_architecture(self, v_prediction: bool) -> str:
         """The ``modelspec.architecture`` of a single file of this family (the Stability AI model spec's names)."""
@@ -143,6 +146,7 @@ SDXL = Family(
     added_conditioning="text_time",
     vae_in_float32=True,
     kohya_te_prefixes=("lora_te1_", "lora_te2_"),
+    embedding_keys=("clip_l", "clip_g"),
     kohya_unet_layout="original",
     kohya_base_model_version="sdxl_base_v1-0",
 )

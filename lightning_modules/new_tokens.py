@@ -6,9 +6,12 @@ templates; before the text encoder sees a prompt, each occurrence of it as a wor
 get rows of their own in the token embedding (:class:`NewTokenEmbedding`): the base table stays frozen (and in its
 dtype), only the new rows train, and only they are saved.
 
-The export (:func:`embedding_file_state`) is a textual-inversion embedding: ``emb_params`` (k, D), the layout
-AUTOMATIC1111 and ComfyUI load (the file's name is the word that calls it in their prompts), and that diffusers'
-``load_textual_inversion`` reads with ``token=[...]`` given.
+With several text encoders (SDXL's two), each tokenizer gets the tokens and each encoder rows of its own.
+
+The export (:func:`embedding_file_state`) is a textual-inversion embedding: one (k, D) tensor per text encoder under
+the family's key (``emb_params``; SDXL ``clip_l`` (k, 768) and ``clip_g`` (k, 1280)), the layout AUTOMATIC1111 and
+ComfyUI load (the file's name is the word that calls it in their prompts), and that diffusers'
+``load_textual_inversion`` reads with ``token=[...]`` given (for SDXL once per key, with that encoder and tokenizer).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from torch import Tensor, nn
 from lightning_modules.errors import ConfigError, InputFileError
 
 EMBEDDINGS_NAME = "embeddings.safetensors"
-EMBEDDING_KEY = "emb_params"  # AUTOMATIC1111's and ComfyUI's key for a single text encoder's vectors
 
 
 def check_new_tokens(tokens: list[str] | None) -> None:
@@ -118,13 +120,16 @@ def add_new_tokens(
     return module
 
 
-def embedding_file_state(module: NewTokenEmbedding) -> dict[str, Tensor]:
-    """What the export writes: the new tokens' vectors (k, D) under ``emb_params``."""
-    return {EMBEDDING_KEY: module.new.detach().float().cpu().contiguous()}
+def embedding_file_state(modules: list[NewTokenEmbedding], keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """What the export writes: each text encoder's new vectors (k, D) under its key (the family's
+    ``embedding_keys``)."""
+    if len(modules) != len(keys):
+        raise ValueError(f"{len(modules)} new-token embeddings for the {len(keys)} keys {keys}")
+    return {key: m.new.detach().float().cpu().contiguous() for key, m in zip(keys, modules, strict=True)}
 
 
-def load_embedding_file(module: NewTokenEmbedding, path: str | Path) -> None:
-    """Set the new rows from an export's embedding file (frozen afterwards: rendering)."""
+def load_embedding_file(modules: list[NewTokenEmbedding], path: str | Path, keys: tuple[str, ...]) -> None:
+    """Set each text encoder's new rows from an export's embedding file (frozen afterwards: rendering)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -136,13 +141,15 @@ def load_embedding_file(module: NewTokenEmbedding, path: str | Path) -> None:
             f"({EMBEDDINGS_NAME}, written beside the LoRA file by a run with data.new_tokens) are needed to render."
         )
     state = load_file(str(path))
-    vectors = state.get(EMBEDDING_KEY)
-    if vectors is None or tuple(vectors.shape) != tuple(module.new.shape):
-        shape = None if vectors is None else tuple(vectors.shape)
-        raise InputFileError(
-            f"{str(path)!r} holds no {EMBEDDING_KEY} of shape {tuple(module.new.shape)} (found {shape}): was it made "
-            "with as many data.new_tokens and this base model?"
-        )
-    with torch.no_grad():
-        module.new.copy_(vectors)
-    module.new.requires_grad_(False)
+    for key, module in zip(keys, modules, strict=True):
+        vectors = state.get(key)
+        if vectors is None or tuple(vectors.shape) != tuple(module.new.shape):
+            shape = None if vectors is None else tuple(vectors.shape)
+            raise InputFileError(
+                f"{str(path)!r} holds no {key} of shape {tuple(module.new.shape)} (found {shape}): was it made "
+                "with as many data.new_tokens and this base model?"
+            )
+    for key, module in zip(keys, modules, strict=True):
+        with torch.no_grad():
+            module.new.copy_(state[key])
+        module.new.requires_grad_(False)

@@ -32,18 +32,19 @@ def param_groups(
     learning_rate: float,
     text_encoder_lr: float | None,
     text_encoder_2: nn.Module | None = None,
-    new_tokens: nn.Parameter | None = None,
+    new_tokens: list[nn.Parameter] | None = None,
     new_token_lr: float | None = None,
 ) -> list[dict]:
     """One group per trained model, so the text encoders can have their own learning rate (None: not loaded; SDXL's
     second text encoder gets a group of its own, at the text encoders' rate), and one for the new tokens' embedding
-    rows (pivotal tuning), with theirs."""
+    rows (pivotal tuning: each text encoder's), with theirs."""
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": learning_rate, "name": "unet"}]
-    if new_tokens is not None:
-        groups.append({"params": [new_tokens], "lr": new_token_lr or learning_rate, "name": "new_tokens"})
+    new_tokens = list(new_tokens or [])
+    if new_tokens:
+        groups.append({"params": new_tokens, "lr": new_token_lr or learning_rate, "name": "new_tokens"})
     for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         te_params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
-        te_params = [p for p in te_params if p is not new_tokens]
+        te_params = [p for p in te_params if not any(p is q for q in new_tokens)]
         if te_params:
             lr = learning_rate if text_encoder_lr is None else text_encoder_lr
             groups.append({"params": te_params, "lr": lr, "name": name})
