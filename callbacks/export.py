@@ -58,7 +58,7 @@ class DreamBoothExport(pl.Callback):
             unet, text_encoder = pl_module.unet, pl_module.text_encoder
             text_encoder_2 = getattr(pl_module, "text_encoder_2", None)  # SDXL's second text encoder
             if gathered is not None:  # the modules hold shards: copies of the base model with the trained weights
-                unet, text_encoder = parts_with_weights(pl_module, gathered)
+                unet, text_encoder, text_encoder_2 = parts_with_weights(pl_module, gathered)
             if hp.use_lora:
                 emb = pl_module.new_token_state() if hasattr(pl_module, "new_token_state") else None
                 tokens = hp.get("new_tokens") if emb is not None else None
@@ -87,8 +87,9 @@ def gathered_trained_weights(strategy: Any, pl_module: pl.LightningModule) -> di
 
 
 def parts_with_weights(pl_module: pl.LightningModule, weights: dict[str, torch.Tensor]) -> tuple[nn.Module, ...]:
-    """(UNet, text encoder or None): the base model's, loaded afresh on the CPU, with the trained ``weights``
-    (``unet.*`` / ``text_encoder.*`` names, every trained weight present) in place."""
+    """(UNet, text encoder or None, SDXL's second text encoder or None): the base model's, loaded afresh on the CPU,
+    with the trained ``weights`` (``unet.*`` / ``text_encoder.*`` / ``text_encoder_2.*`` names, every trained weight
+    present) in place."""
     hp = pl_module.hparams
     parts = load_components(
         hp.pretrained_model_name_or_path,
@@ -101,14 +102,14 @@ def parts_with_weights(pl_module: pl.LightningModule, weights: dict[str, torch.T
     missing = sorted(pl_module.trained_state_keys() - set(weights))
     if missing:
         raise RuntimeError(f"The gathered weights lack {len(missing)} trained weights, e.g. {missing[:3]}.")
-    for name in ("unet", "text_encoder"):
-        module, prefix = getattr(parts, name), f"{name}."
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        module, prefix = getattr(parts, name, None), f"{name}."
         own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         if own:
             unknown = module.load_state_dict(own, strict=False).unexpected_keys
             if unknown:
                 raise RuntimeError(f"The gathered {name} weights do not fit the base model: {unknown[:3]}")
-    return parts.unet, parts.text_encoder
+    return parts.unet, parts.text_encoder, getattr(parts, "text_encoder_2", None)
 
 
 def log_export_artifact(logger, folder: Path, kind: str) -> None:

@@ -28,9 +28,9 @@ class DDPStrategyStub(FSDPStrategyStub):
     pass
 
 
-@pytest.fixture(scope="module")
-def trained():
-    module = DreamBoothModule("builtin:tiny-sd", use_lora=False, train_text_encoder=True)
+@pytest.fixture(scope="module", params=["builtin:tiny-sd", "builtin:tiny-sdxl"])
+def trained(request):
+    module = DreamBoothModule(request.param, use_lora=False, train_text_encoder=True)
     module.configure_model()
     with torch.no_grad():  # "training": every trained weight moves away from the base model's
         for param in module.parameters():
@@ -42,8 +42,11 @@ def trained():
 def test_fsdp_exports_the_gathered_trained_weights(trained):
     gathered = gathered_trained_weights(FSDPStrategyStub(trained), trained)
     assert set(gathered) == trained.trained_state_keys() and gathered
-    unet, text_encoder = parts_with_weights(trained, gathered)
-    for name, part in (("unet", unet), ("text_encoder", text_encoder)):
+    parts = dict(zip(("unet", "text_encoder", "text_encoder_2"), parts_with_weights(trained, gathered), strict=True))
+    assert (parts["text_encoder_2"] is None) == (trained.text_encoder_2 is None)  # SDXL's second encoder too
+    for name, part in parts.items():
+        if part is None:
+            continue
         mine = getattr(trained, name).state_dict()
         assert all(torch.equal(value, mine[key]) for key, value in part.state_dict().items()), name
     key = next(iter(gathered))
