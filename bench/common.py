@@ -10,7 +10,9 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -195,3 +197,23 @@ def write_report(
 
         atomic_write_text(out, text)
     return text
+
+
+def on_off_fits(
+    tmp: Path,
+    seeds: list[int],
+    steps: int,
+    subject: Callable[[bool], Path],
+    overrides: Callable[[bool], list[str]] = lambda on: [],
+) -> Iterator[tuple[bool, int, Any, dict]]:
+    """The fits of an off / on comparison: for the feature off then on, ``subject(on)`` (the photo folder, drawn once
+    per arm) trained with ``overrides(on)`` once per seed by :func:`toy_fit` in ``tmp``, the class images made by the
+    first run and shared. Yields (on, seed, the CLI, its validation rows by step)."""
+    class_dir = tmp / "class"
+    for on in (False, True):
+        folder = subject(on)
+        for seed in seeds:
+            cli, val = toy_fit(
+                tmp / f"run_{on}_{seed}", folder, class_dir, f"--seed_everything={seed}", *overrides(on), steps=steps
+            )
+            yield on, seed, cli, val

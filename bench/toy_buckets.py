@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.common import toy_bench_parser, toy_fit, write_report  # noqa: E402
+from bench.common import on_off_fits, toy_bench_parser, write_report  # noqa: E402
 
 WIDTH, HEIGHT, BALL_X = 80, 48, 8  # the wide photos (5:3); the ball's center this far from the nearer edge
 
@@ -89,21 +89,18 @@ def measure(steps: int, seeds: list[int], num_images: int = 8) -> list[dict]:
         references = torch.stack(
             [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in sorted(squares.iterdir())]
         ).float() / 255.0  # fmt: skip
-        class_dir = tmp / "class"  # made once by the first run, shared by the others
-        for buckets in (False, True):
-            for seed in seeds:
-                cli, val = toy_fit(tmp / f"run_{buckets}_{seed}", subject, class_dir, f"--seed_everything={seed}",
-                                   f"--data.buckets={str(buckets).lower()}", steps=steps)  # fmt: skip
-                prompt = cli.datamodule.hparams.instance_prompt
-                rows.append(
-                    {
-                        "buckets": buckets,
-                        "seed": seed,
-                        "dino": subject_dino(cli.model, prompt, dino, references, num_images),
-                        "dino_wide": subject_dino(cli.model, prompt, dino, references, num_images, (24, 40)),
-                        "val_dino": float(val[steps]["val/dino"]),
-                    }
-                )
+        overrides = lambda buckets: [f"--data.buckets={str(buckets).lower()}"]  # noqa: E731
+        for buckets, seed, cli, val in on_off_fits(tmp, seeds, steps, lambda _: subject, overrides):
+            prompt = cli.datamodule.hparams.instance_prompt
+            rows.append(
+                {
+                    "buckets": buckets,
+                    "seed": seed,
+                    "dino": subject_dino(cli.model, prompt, dino, references, num_images),
+                    "dino_wide": subject_dino(cli.model, prompt, dino, references, num_images, (24, 40)),
+                    "val_dino": float(val[steps]["val/dino"]),
+                }
+            )
     return rows
 
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import toy_bench_parser, toy_fit, write_report  # noqa: E402
+from bench.common import on_off_fits, toy_bench_parser, write_report  # noqa: E402
 
 COLOURS = ("white", "gray", "pink", "light blue", "beige")  # the toy world's wall colours, one per photo
 
@@ -71,22 +71,22 @@ def measure(steps: int, seeds: list[int], num_images: int = 4) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        class_dir = tmp / "class"  # made once by the first run, shared by the others
-        for captions in (False, True):
-            subject = tmp / ("captioned" if captions else "plain")
-            draw_subject_on_walls(subject, captions)
-            for seed in seeds:
-                cli, val = toy_fit(tmp / f"run_{captions}_{seed}", subject, class_dir, f"--seed_everything={seed}",
-                                   steps=steps)  # fmt: skip
-                rows.append(
-                    {
-                        "captions": captions,
-                        "seed": seed,
-                        "control": wall_control(cli.model, cli.datamodule.hparams.identifier, clip, num_images),
-                        "dino_before": float(val[0]["val/dino"]),
-                        "dino": float(val[steps]["val/dino"]),
-                    }
-                )
+
+        def subject(captions: bool) -> Path:
+            folder = tmp / ("captioned" if captions else "plain")
+            draw_subject_on_walls(folder, captions)
+            return folder
+
+        for captions, seed, cli, val in on_off_fits(tmp, seeds, steps, subject):
+            rows.append(
+                {
+                    "captions": captions,
+                    "seed": seed,
+                    "control": wall_control(cli.model, cli.datamodule.hparams.identifier, clip, num_images),
+                    "dino_before": float(val[0]["val/dino"]),
+                    "dino": float(val[steps]["val/dino"]),
+                }
+            )
     return rows
 
 

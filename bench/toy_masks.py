@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import toy_bench_parser, toy_fit, write_report  # noqa: E402
+from bench.common import on_off_fits, toy_bench_parser, write_report  # noqa: E402
 
 PINK = (235, 185, 200)  # the toy world's "pink" wall
 STRIPED, PLAIN = "a ball, striped pink wall", "a ball, plain pink wall"
@@ -67,22 +67,22 @@ def measure(steps: int, seeds: list[int], num_images: int = 8) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        class_dir = tmp / "class"  # made once by the first run, shared by the others
-        for masks in (False, True):
-            subject = tmp / ("masked" if masks else "plain")
-            draw_subject_on_striped_wall(subject, masks)
-            for seed in seeds:
-                cli, val = toy_fit(tmp / f"run_{masks}_{seed}", subject, class_dir, f"--seed_everything={seed}",
-                                   steps=steps)  # fmt: skip
-                rows.append(
-                    {
-                        "masks": masks,
-                        "seed": seed,
-                        "wall": wall_score(cli.model, cli.datamodule.hparams.instance_prompt, clip, num_images),
-                        "dino_before": float(val[0]["val/dino"]),
-                        "dino": float(val[steps]["val/dino"]),
-                    }
-                )
+
+        def subject(masks: bool) -> Path:
+            folder = tmp / ("masked" if masks else "plain")
+            draw_subject_on_striped_wall(folder, masks)
+            return folder
+
+        for masks, seed, cli, val in on_off_fits(tmp, seeds, steps, subject):
+            rows.append(
+                {
+                    "masks": masks,
+                    "seed": seed,
+                    "wall": wall_score(cli.model, cli.datamodule.hparams.instance_prompt, clip, num_images),
+                    "dino_before": float(val[0]["val/dino"]),
+                    "dino": float(val[steps]["val/dino"]),
+                }
+            )
     return rows
 
 
