@@ -287,12 +287,10 @@ def text_embedding_tables(
     :func:`lightning_modules.diffusion.encode_prompts` makes them for the model's family; from the cache or encoded
     now and cached."""
     from lightning_modules.diffusion import encode_prompts
+    from lightning_modules.families import SD1
     from lightning_modules.sd_loading import check_model_path, detect_family
 
-    family = detect_family(check_model_path(pretrained_model_name_or_path, revision), revision)
-    from lightning_modules.families import SD1
-
-    family = family or SD1
+    family = detect_family(check_model_path(pretrained_model_name_or_path, revision), revision) or SD1
     prompts = sorted(set(prompts))
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     model = (pretrained_model_name_or_path, revision, variant, single_file_config)

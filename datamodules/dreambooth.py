@@ -609,20 +609,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         if self.train_dataset is None:
             raise RuntimeError("DreamBoothDataModule.train_dataloader() needs setup('fit') first.")
         trainer = self.trainer  # None outside a Trainer
-        if self.hparams.buckets:  # every batch from one bucket: see datamodules/resumable.py
-            return resumable_bucket_loader(
-                self.train_dataset,
-                self.train_dataset.bucket_ids,
-                batch_size=self.hparams.batch_size,
-                seed=self.hparams.seed,
-                num_replicas=trainer.world_size if trainer is not None else 1,
-                rank=trainer.global_rank if trainer is not None else 0,
-                collate_fn=self._collate,
-                num_workers=self.hparams.num_workers,
-                epoch=trainer.current_epoch if trainer is not None else 0,
-            )
-        return resumable_train_loader(  # order = f(seed, epoch), resumable mid-epoch: see datamodules/resumable.py
-            self.train_dataset,
+        common = dict(
             batch_size=self.hparams.batch_size,
             seed=self.hparams.seed,
             num_replicas=trainer.world_size if trainer is not None else 1,
@@ -630,8 +617,11 @@ class DreamBoothDataModule(pl.LightningDataModule):
             collate_fn=self._collate,
             num_workers=self.hparams.num_workers,
             epoch=trainer.current_epoch if trainer is not None else 0,
-            drop_last=False,
         )
+        if self.hparams.buckets:  # every batch from one bucket: see datamodules/resumable.py
+            return resumable_bucket_loader(self.train_dataset, self.train_dataset.bucket_ids, **common)
+        # order = f(seed, epoch), resumable mid-epoch: see datamodules/resumable.py
+        return resumable_train_loader(self.train_dataset, drop_last=False, **common)
 
     def val_dataloader(self) -> DataLoader:
         """The prompts to render, in order (Lightning spreads them across DDP ranks)."""
