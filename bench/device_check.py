@@ -301,7 +301,15 @@ class DeviceProbe(UNetReference):
         if hp.get("fused_backward"):
             self._check(CHECK_FUSED, fused, f"{type(optimizer).__name__} over {len(inner)} per-parameter optimizers")
         kinds = sorted({f"{type(o).__module__.split('.')[0]}.{type(o).__name__}" for o in inner})
-        states = [t for o in inner for s in o.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        # torch's AdamW keeps each parameter's step count, a scalar, on the CPU (unless capturable or fused): not state
+        # that should move with the weights.
+        states = [
+            t
+            for o in inner
+            for s in o.state.values()
+            for k, t in s.items()
+            if isinstance(t, torch.Tensor) and k != "step"
+        ]
         off = sorted({str(t.device) for t in states if t.device != pl_module.device})
         want = "bitsandbytes.AdamW8bit" if hp.get("optimizer") == "adamw8bit" else "torch.AdamW"
         ok = kinds == [want] and bool(states) and not off
@@ -468,12 +476,27 @@ def _sizes(ctx: Context) -> dict[str, int]:
     return {"steps": 16, "interval": 8, "steps_short": 12, "sampler": 10, "class_images": 2, "eval_prompts": 2}
 
 
+def _config_with_csv_logger(ctx: Context, config: str) -> Path:
+    """``configs/<config>`` with its logger replaced by a CSV logger, written once into the work folder. The jobs log
+    to CSV anyway; a config naming W&B's logger would not even parse where ``wandb`` is not installed (jsonargparse
+    reads the logger's options from ``wandb.init``), as on a bare GPU image."""
+    import yaml
+
+    path = ctx.workdir / "configs" / config
+    if not path.is_file():
+        settings = yaml.safe_load((ROOT / "configs" / config).read_text())
+        settings.setdefault("trainer", {})["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger"}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(settings))
+    return path
+
+
 def _common(ctx: Context, job: Job, config: str, subcommand: str) -> list[str]:
     run = ctx.workdir / "runs" / job.name
     dino, clip = ("builtin:toy-dino", "builtin:toy-clip") if job.name.startswith("lora-bf16") else (
         "builtin:tiny-dino", "builtin:tiny-clip")  # fmt: skip
     return [
-        subcommand, "--config", str(ROOT / "configs" / config),
+        subcommand, "--config", str(_config_with_csv_logger(ctx, config)),
         "--model.pretrained_model_name_or_path", ctx.model,
         f"--trainer.accelerator={ctx.accelerator}", f"--trainer.devices={job.devices}",
         f"--trainer.precision={job.precision}",
