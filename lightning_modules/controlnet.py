@@ -1,11 +1,14 @@
 """ControlNet for rendering, Lightning-free: load one, build a pipeline around the live modules, a tiny offline one.
 
 A ControlNet adds residuals computed from a condition image (a pose skeleton, edges, depth) to the UNet's features,
-so renders follow the condition while the (fine-tuned or LoRA) UNet draws the subject. Any SD 1.x ControlNet works,
-e.g. ``lllyasviel/sd-controlnet-openpose`` with an OpenPose skeleton image.
+so renders follow the condition while the (fine-tuned or LoRA) UNet draws the subject. A ControlNet is made for one
+family: SD 1.x ones (e.g. ``lllyasviel/sd-controlnet-openpose``) for SD 1.x, SD 2.x ones for SD 2.x, SDXL ones (e.g.
+``thibaud/controlnet-openpose-sdxl-1.0``, whose config has SDXL's ``text_time`` added conditioning) for SDXL; the
+family's ControlNet pipeline renders with it (``Family.controlnet_pipeline_class``).
 
-``builtin:tiny-controlnet`` is a ControlNet for ``builtin:tiny-sd``, built offline from its UNet (diffusers'
-``ControlNetModel.from_unet``) into the built-in cache, with fixed-seed random weights. A new ControlNet starts with
+``builtin:tiny-controlnet`` is a ControlNet for ``builtin:tiny-sd`` and ``builtin:tiny-sdxl-controlnet`` one for
+``builtin:tiny-sdxl``, built offline from the model's UNet (diffusers' ``ControlNetModel.from_unet``) into the
+built-in cache, with fixed-seed random weights. A new ControlNet starts with
 zero convolutions, so that the condition changes nothing before it is trained; here they get small random weights
 instead (and the condition embedding variance-keeping ones), so that the condition visibly changes the render, which
 is what tests need to see.
@@ -23,16 +26,19 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
 from lightning_modules.builtin_models import BUILTIN_PREFIX, cache_dir, resolve_pretrained
 from lightning_modules.errors import ConfigError, InputNotFoundError
+from lightning_modules.families import Family
 from lightning_modules.rng_state import cpu_seeded
 from lightning_modules.safe_files import give_ordinary_modes
 
 TINY_CONTROLNET = "builtin:tiny-controlnet"
+TINY_SDXL_CONTROLNET = "builtin:tiny-sdxl-controlnet"
+TINY_CONTROLNETS = {TINY_CONTROLNET: "builtin:tiny-sd", TINY_SDXL_CONTROLNET: "builtin:tiny-sdxl"}  # name -> base
 _TINY_VERSION = 1
 _SEED = 0
 
 
 def build_tiny_controlnet(out_dir: str | Path, base: str = "builtin:tiny-sd") -> None:
-    """Write a ControlNet for the tiny SD (its UNet's encoder, random fixed-seed zero convolutions) into ``out_dir``."""
+    """Write a ControlNet for a tiny model (its UNet's encoder, random fixed-seed zero convolutions) into ``out_dir``."""
     path = resolve_pretrained(base)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     vae_blocks = len(AutoencoderKL.load_config(path, subfolder="vae")["block_out_channels"])
@@ -49,15 +55,15 @@ def build_tiny_controlnet(out_dir: str | Path, base: str = "builtin:tiny-sd") ->
     controlnet.save_pretrained(out_dir, safe_serialization=True)
 
 
-def _tiny_controlnet_path() -> Path:
-    """The cached build of ``builtin:tiny-controlnet``, built on first use (atomically: build beside, then rename)."""
-    target = cache_dir() / "builtin" / f"tiny-controlnet-v{_TINY_VERSION}"
+def _tiny_controlnet_path(name: str) -> Path:
+    """The cached build of a built-in ControlNet, built on first use (atomically: build beside, then rename)."""
+    target = cache_dir() / "builtin" / f"{name.removeprefix(BUILTIN_PREFIX)}-v{_TINY_VERSION}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        build_tiny_controlnet(tmp)
+        build_tiny_controlnet(tmp, TINY_CONTROLNETS[name])
         give_ordinary_modes(tmp)  # mkdtemp makes it private; the built folder is an ordinary one
         try:
             os.rename(tmp, target)
@@ -69,12 +75,14 @@ def _tiny_controlnet_path() -> Path:
     return target
 
 
-def load_controlnet(name_or_path: str, option: str = "model.controlnet") -> ControlNetModel:
-    """A ControlNet from a hub id, a local diffusers folder, or ``builtin:tiny-controlnet``; frozen, in eval mode."""
-    if name_or_path == TINY_CONTROLNET:
-        path = str(_tiny_controlnet_path())
+def resolve_controlnet(name_or_path: str, option: str = "model.controlnet") -> str:
+    """Where a ControlNet's files are: a built-in one's cached build, a local folder (checked), or the hub id."""
+    if name_or_path in TINY_CONTROLNETS:
+        path = str(_tiny_controlnet_path(name_or_path))
     elif name_or_path.startswith(BUILTIN_PREFIX):
-        raise ConfigError(f"{option}: unknown built-in ControlNet {name_or_path!r}; available: {TINY_CONTROLNET}")
+        raise ConfigError(
+            f"{option}: unknown built-in ControlNet {name_or_path!r}; available: {', '.join(TINY_CONTROLNETS)}"
+        )
     else:
         path = name_or_path
         looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
@@ -84,10 +92,40 @@ def load_controlnet(name_or_path: str, option: str = "model.controlnet") -> Cont
             )
             raise InputNotFoundError(
                 f"{option}: {path!r} {what}. Give a hub id (e.g. lllyasviel/sd-controlnet-openpose), a folder "
-                "written by ControlNetModel.save_pretrained, or builtin:tiny-controlnet."
+                f"written by ControlNetModel.save_pretrained, or one of {', '.join(TINY_CONTROLNETS)}."
             )
-    controlnet = ControlNetModel.from_pretrained(path)
+    return path
+
+
+def load_controlnet(name_or_path: str, option: str = "model.controlnet") -> ControlNetModel:
+    """A ControlNet from a hub id, a local diffusers folder, or a built-in one; frozen, in eval mode."""
+    controlnet = ControlNetModel.from_pretrained(resolve_controlnet(name_or_path, option))
     return controlnet.requires_grad_(False).eval()
+
+
+def controlnet_is_sdxl(config: dict) -> bool:
+    """Whether a ControlNet (its config) is made for SDXL: it takes SDXL's added time / text conditioning."""
+    return config.get("addition_embed_type") == "text_time"
+
+
+def check_controlnet_family(name_or_path: str, family: Family | None, option: str = "model.controlnet") -> None:
+    """Fail early, from the ControlNet's config alone (no weights load), when it is made for SDXL and the base model is
+    SD 1.x / 2.x, or the reverse. (SD 1.x against SD 2.x is told by the widths, :func:`check_controlnet_fits`.)
+    ``family``: the base model's (None: not known here, e.g. a hub id offline; loading will say more)."""
+    if family is None:
+        return
+    try:
+        config = ControlNetModel.load_config(resolve_controlnet(name_or_path, option))
+    except OSError:  # not at hand (a hub id offline and not cached): loading it will say so
+        return
+    made_for_sdxl = controlnet_is_sdxl(config)
+    if made_for_sdxl != (family.added_conditioning == "text_time"):
+        made_for = "SDXL" if made_for_sdxl else "Stable Diffusion 1.x / 2.x"
+        raise ConfigError(
+            f"{option}: {name_or_path!r} is a ControlNet for {made_for}, but the base model "
+            f"(model.pretrained_model_name_or_path) is {family.label}; use a ControlNet made for {family.label}"
+            + (" (e.g. thibaud/controlnet-openpose-sdxl-1.0)." if family.name == "sdxl" else ".")
+        )
 
 
 def check_controlnet_fits(controlnet: ControlNetModel, unet: UNet2DConditionModel, name: str) -> None:
@@ -97,8 +135,19 @@ def check_controlnet_fits(controlnet: ControlNetModel, unet: UNet2DConditionMode
         if mine is not None and str(list(_as_list(mine))) != str(list(_as_list(theirs))):
             raise ConfigError(
                 f"model.controlnet: {name!r} does not fit the base model's UNet ({key} {mine} vs {theirs}); use a "
-                "ControlNet made for this base model's family (SD 1.x ControlNets for SD 1.x, SD 2.x ones for SD 2.x)."
+                "ControlNet made for this base model's family (SD 1.x ControlNets for SD 1.x, SD 2.x ones for SD 2.x, "
+                "SDXL ones for SDXL)."
             )
+
+
+def check_controlnet_for_model(name_or_path: str, pretrained_model_name_or_path: str, revision: str | None) -> None:
+    """:func:`check_controlnet_family` for the base model ``model.pretrained_model_name_or_path``, told from its small
+    config files (or a single file's key names): before the base model or the ControlNet's weights load."""
+    from lightning_modules.sd_loading import check_model_path, detect_family
+
+    check_controlnet_family(
+        name_or_path, detect_family(check_model_path(pretrained_model_name_or_path, revision), revision)
+    )
 
 
 def _as_list(value) -> list:

@@ -15,7 +15,7 @@ from datamodules.batch import DreamBoothBatch
 from datamodules.evaluation import EvalBatch
 from datamodules.predict import PredictBatch
 from datamodules.validation import ValidationBatch
-from lightning_modules.controlnet import check_controlnet_fits, load_controlnet
+from lightning_modules.controlnet import check_controlnet_fits, check_controlnet_for_model, load_controlnet
 from lightning_modules.diffusion import (
     TextConditioning,
     diffusion_target,
@@ -322,6 +322,8 @@ class DreamBoothModule(pl.LightningModule):
         if self.parts is not None:
             return
         hp = self.hparams
+        if hp.controlnet:  # a ControlNet of another family (SDXL / SD 1.x, 2.x) is refused before anything loads
+            check_controlnet_for_model(hp.controlnet, hp.pretrained_model_name_or_path, hp.revision)
         # The VAE and a frozen text encoder load on first use: with cached inputs, never during training. A LoRA export
         # may hold text-encoder adapters, so rendering with one loads the text encoder now.
         parts = load_components(

@@ -56,6 +56,8 @@ class Family:
         cond_stage_config: The text encoder in the original (latent-diffusion) model config, as AUTOMATIC1111 reads it.
         pipeline_class: The diffusers text-to-image pipeline of the family (renders, class images, LoRA files).
         pipeline_options: What that pipeline is built with here (no safety checker, no invisible watermark).
+        controlnet_pipeline_class: The family's text-to-image pipeline with a ControlNet (``predict`` with
+            ``model.controlnet``), built with the same options.
         text_encoders: The pipeline's text encoders, in order (their tokenizers are the ``tokenizers``).
         tokenizers: The tokenizer of each text encoder.
         text_context: How the UNet's cross-attention context is made from the encoders: ``last`` (the one encoder's
@@ -85,6 +87,7 @@ class Family:
     pipeline_options: Mapping[str, Any] = field(
         default_factory=lambda: {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     )
+    controlnet_pipeline_class: str = "StableDiffusionControlNetPipeline"
     text_encoders: tuple[str, ...] = ("text_encoder",)
     tokenizers: tuple[str, ...] = ("tokenizer",)
     text_context: str = "last"
@@ -104,11 +107,12 @@ class Family:
             return "stable-diffusion-xl-v1-base"
         return "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
 
-    def pipeline_type(self) -> type:
-        """The diffusers pipeline class (imported on demand: this module stays free of heavy imports)."""
+    def pipeline_type(self, controlnet: bool = False) -> type:
+        """The diffusers pipeline class, with a ControlNet or without (imported on demand: this module stays free of
+        heavy imports)."""
         import diffusers
 
-        return getattr(diffusers, self.pipeline_class)
+        return getattr(diffusers, self.controlnet_pipeline_class if controlnet else self.pipeline_class)
 
 
 SD1 = Family(
@@ -140,6 +144,7 @@ SDXL = Family(
     cond_stage_config={"target": "sgm.modules.GeneralConditioner"},  # (no .yaml is written: SDXL is epsilon)
     pipeline_class="StableDiffusionXLPipeline",
     pipeline_options={"add_watermarker": False},  # the invisible watermark needs a package we do not ship
+    controlnet_pipeline_class="StableDiffusionXLControlNetPipeline",
     text_encoders=("text_encoder", "text_encoder_2"),  # CLIP ViT-L, OpenCLIP bigG (with projection)
     tokenizers=("tokenizer", "tokenizer_2"),
     text_context="penultimate",

@@ -12,6 +12,8 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
 )
 
 from lightning_modules.errors import ConfigError
@@ -44,18 +46,19 @@ def prompt_embedding_kwargs(encoded: tuple) -> dict:
 
 def build_pipeline(
     parts: SDComponents, sampler: str = "dpm++", controlnet: ControlNetModel | None = None
-) -> StableDiffusionPipeline | StableDiffusionControlNetPipeline:
+) -> (
+    StableDiffusionPipeline
+    | StableDiffusionXLPipeline
+    | StableDiffusionControlNetPipeline
+    | StableDiffusionXLControlNetPipeline
+):
     """Wrap the given modules (shared, not copied) in the family's text-to-image pipeline (``Family.pipeline_class``:
     ``StableDiffusionPipeline`` without a safety checker, ``StableDiffusionXLPipeline`` without the watermark); with a
-    ``controlnet``, a ControlNet pipeline around it (SD 1.x / 2.x)."""
+    ``controlnet``, the family's ControlNet pipeline (``Family.controlnet_pipeline_class``:
+    ``StableDiffusionControlNetPipeline``, ``StableDiffusionXLControlNetPipeline``)."""
     family = parts.family
-    if controlnet is None:
-        pipeline_class = family.pipeline_type()
-        extra = {}
-    elif family.pipeline_class == "StableDiffusionPipeline":
-        pipeline_class, extra = StableDiffusionControlNetPipeline, {"controlnet": controlnet}
-    else:
-        raise ConfigError(f"model.controlnet: ControlNets are rendered for SD 1.x / 2.x here, not {family.label}.")
+    pipeline_class = family.pipeline_type(controlnet=controlnet is not None)
+    extra = {} if controlnet is None else {"controlnet": controlnet}
     modules = {"vae": parts.vae, "unet": parts.unet}
     modules |= {name: getattr(parts, name) for name in (*family.text_encoders, *family.tokenizers)}
     pipe = pipeline_class(

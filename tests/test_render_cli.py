@@ -162,3 +162,52 @@ def test_controlnet_without_condition_image(predict):
 def test_fit_refuses_lora_weights(run_args, lora_export, no_model_loading):
     with pytest.raises(ValueError, match=r"model\.lora_weights.*--ckpt_path"):
         cli_main(run_args(f"--model.lora_weights={lora_export / 'export'}", steps=1))
+
+
+# ------------------------------------------------------------------------------------------------ SDXL ControlNets
+SDXL = ["--model.pretrained_model_name_or_path=builtin:tiny-sdxl", "--model.use_lora=false"]
+
+
+def test_sdxl_controlnet_renders_follow_the_condition_image(predict, toy_subject_dir):
+    """``StableDiffusionXLControlNetPipeline`` around the live tiny SDXL: the condition image and its scale change the
+    render, scale 0 renders as without the ControlNet."""
+    pose = sorted(toy_subject_dir.glob("*.png"))
+    args = [
+        *SDXL,
+        "--model.controlnet=builtin:tiny-sdxl-controlnet",
+        "--model.sampling.width=96",
+        "--model.sampling.num_inference_steps=2",
+    ]
+    first = predict(*args, f"--data.control_image={pose[0]}")
+    other = predict(*args, f"--data.control_image={pose[1]}")
+    ignored = predict(*args, f"--data.control_image={pose[0]}", "--model.sampling.controlnet_conditioning_scale=0")
+    plain = predict(*SDXL, "--model.sampling.width=96", "--model.sampling.num_inference_steps=2")
+    info = parse_parameters(Image.open(next(first.glob("0*.png"))).text[PARAMETERS_KEY])
+    assert info["ControlNet"] == "builtin:tiny-sdxl-controlnet" and info["Size"] == "96x64"
+    assert _pixels(first)[0].shape == (64, 96, 3)
+    assert np.abs(_pixels(first)[0] - _pixels(other)[0]).max() > 2, "the condition image changes nothing"
+    assert np.abs(_pixels(first)[0] - _pixels(plain)[0]).max() > 2, "the ControlNet changes nothing"
+    assert np.abs(_pixels(ignored)[0] - _pixels(plain)[0]).max() <= 1, "scale 0 should render as without it"
+
+
+@pytest.mark.parametrize(
+    ("base", "controlnet", "message"),
+    [
+        (
+            "builtin:tiny-sdxl",
+            "builtin:tiny-controlnet",
+            r"ControlNet for Stable Diffusion 1.x / 2.x.*base model.*SDXL",
+        ),
+        ("builtin:tiny-sd", "builtin:tiny-sdxl-controlnet", r"ControlNet for SDXL.*base model.*Stable Diffusion 1.x"),
+    ],
+)
+def test_a_controlnet_of_another_family_is_refused_before_loading(
+    predict, no_model_loading, toy_subject_dir, base, controlnet, message
+):
+    pose = sorted(toy_subject_dir.glob("*.png"))[0]
+    with pytest.raises(ValueError, match=r"model\.controlnet: .*" + message):
+        predict(
+            f"--model.pretrained_model_name_or_path={base}",
+            f"--model.controlnet={controlnet}",
+            f"--data.control_image={pose}",
+        )
