@@ -126,3 +126,20 @@ class RecordGeometry(pl.Callback):
             value = batch.get(name)
             getattr(self, name).append(None if value is None else value.detach().cpu().clone())
         self.is_prior.append(batch["is_prior"].detach().cpu().clone())
+
+
+class SaveTrainedWeights(pl.Callback):
+    """Saves each rank's trained weights when training starts and ends, to ``$SAVE_WEIGHTS_DIR/{start,end}_rank<r>.pt``
+    (for comparing the ranks of a multi-process fit)."""
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        import torch
+
+        trained = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        torch.save(trained, os.path.join(os.environ["SAVE_WEIGHTS_DIR"], f"{when}_rank{trainer.global_rank}.pt"))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer, pl_module, "start")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer, pl_module, "end")
