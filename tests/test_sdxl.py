@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -316,3 +317,25 @@ def test_dreambench_test_renders_and_scores_an_sdxl_lora(lora_run, tmp_path, toy
     report = json.loads(next((tmp_path / "eval").rglob("report.json")).read_text())
     (subject,) = report["subjects"].values()
     assert subject["images"] == 2 and all(np.isfinite(subject[m]) for m in ("dino", "clip_i", "clip_t"))
+
+
+def test_scale_sweep_renders_and_scores_an_sdxl_lora(lora_run, tmp_path, toy_subject_dir):
+    """``scripts/scale_sweep.py`` on the SDXL LoRA export: the LoRA scales of the UNet and of both text encoders reach
+    the SDXL pipeline (scale 0 and 1 score differently), one row per cell, the grid written."""
+    from scripts.scale_sweep import main as scale_sweep
+
+    cli, _ = lora_run
+    out = tmp_path / "sweep"
+    scale_sweep(
+        ["--base", MODEL, "--lora", str(run_dir(cli.trainer) / "export"), "--instance-dir", str(toy_subject_dir),
+         "--class-noun", "ball", "--prompts", "a photo of {identifier} {class_noun}", "--seeds", "0",
+         "--guidance", "5", "--unet-scales", "0", "1", "--te-scales", "0", "1", "--steps", "2",
+         "--height", "64", "--width", "96", "--dino", "builtin:tiny-dino", "--clip", "builtin:tiny-clip",
+         "--clip-pretrained", "none", "--out", str(out)]
+    )  # fmt: skip
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == 4 and all(np.isfinite(float(r[m])) for r in rows for m in ("dino", "clip_i", "clip_t"))
+    by_cell = {(r["lora_unet_scale"], r["lora_text_encoder_scale"]): r["dino"] for r in rows}
+    assert by_cell[("0.000000", "0.000000")] != by_cell[("1.000000", "0.000000")]  # the UNet's LoRA acts
+    assert by_cell[("1.000000", "0.000000")] != by_cell[("1.000000", "1.000000")]  # the text encoders' LoRA acts
+    assert (out / "grid.png").is_file()
