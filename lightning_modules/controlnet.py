@@ -6,8 +6,8 @@ family: SD 1.x ones (e.g. ``lllyasviel/sd-controlnet-openpose``) for SD 1.x, SD 
 ``thibaud/controlnet-openpose-sdxl-1.0``, whose config has SDXL's ``text_time`` added conditioning) for SDXL; the
 family's ControlNet pipeline renders with it (``Family.controlnet_pipeline_class``).
 
-``builtin:tiny-controlnet`` is a ControlNet for ``builtin:tiny-sd`` and ``builtin:tiny-sdxl-controlnet`` one for
-``builtin:tiny-sdxl``, built offline from the model's UNet (diffusers' ``ControlNetModel.from_unet``) into the
+``builtin:tiny-controlnet`` is a ControlNet for ``builtin:tiny-sd``, ``builtin:tiny-sd2-controlnet`` one for
+``builtin:tiny-sd2`` and ``builtin:tiny-sdxl-controlnet`` one for ``builtin:tiny-sdxl``, built offline from the model's UNet (diffusers' ``ControlNetModel.from_unet``) into the
 built-in cache, with fixed-seed random weights. A new ControlNet starts with
 zero convolutions, so that the condition changes nothing before it is trained; here they get small random weights
 instead (and the condition embedding variance-keeping ones), so that the condition visibly changes the render, which
@@ -32,7 +32,11 @@ from lightning_modules.safe_files import give_ordinary_modes
 
 TINY_CONTROLNET = "builtin:tiny-controlnet"
 TINY_SDXL_CONTROLNET = "builtin:tiny-sdxl-controlnet"
-TINY_CONTROLNETS = {TINY_CONTROLNET: "builtin:tiny-sd", TINY_SDXL_CONTROLNET: "builtin:tiny-sdxl"}  # name -> base
+TINY_CONTROLNETS = {  # name -> the built-in model it is made for
+    TINY_CONTROLNET: "builtin:tiny-sd",
+    "builtin:tiny-sd2-controlnet": "builtin:tiny-sd2",
+    TINY_SDXL_CONTROLNET: "builtin:tiny-sdxl",
+}
 _TINY_VERSION = 1
 _SEED = 0
 

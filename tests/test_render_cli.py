@@ -164,7 +164,21 @@ def test_fit_refuses_lora_weights(run_args, lora_export, no_model_loading):
         cli_main(run_args(f"--model.lora_weights={lora_export / 'export'}", steps=1))
 
 
-# ------------------------------------------------------------------------------------------------ SDXL ControlNets
+# ----------------------------------------------------------------------------------- SD 2.x and SDXL ControlNets
+def test_sd2_controlnet_renders_follow_the_condition_image(predict, toy_subject_dir):
+    """An SD 2.x ControlNet (v-prediction base) through ``StableDiffusionControlNetPipeline``."""
+    pose = sorted(toy_subject_dir.glob("*.png"))
+    args = [
+        "--model.pretrained_model_name_or_path=builtin:tiny-sd2",
+        "--model.use_lora=false",
+        "--model.controlnet=builtin:tiny-sd2-controlnet",
+        "--model.sampling.num_inference_steps=2",
+    ]
+    first = predict(*args, f"--data.control_image={pose[0]}")
+    other = predict(*args, f"--data.control_image={pose[1]}")
+    assert np.abs(_pixels(first)[0] - _pixels(other)[0]).max() > 2, "the condition image changes nothing"
+
+
 SDXL = ["--model.pretrained_model_name_or_path=builtin:tiny-sdxl", "--model.use_lora=false"]
 
 
