@@ -200,8 +200,10 @@ class DreamBoothModule(pl.LightningModule):
             fresh adapters: the ``export`` folder that ``fit`` wrote, or its ``pytorch_lora_weights.safetensors``.
             Rank, alpha and targets come from the file. (A full fine-tune's export is a base model:
             ``--model.pretrained_model_name_or_path <export>/pipeline``.)
-        controlnet: A ControlNet that ``predict`` renders with (a hub id such as ``lllyasviel/sd-controlnet-openpose``,
-            a local folder, or ``builtin:tiny-controlnet``), conditioned on ``data.control_image``.
+        controlnet: A ControlNet that ``predict`` renders with, made for the base model's family (a hub id such as
+            ``lllyasviel/sd-controlnet-openpose`` for SD 1.x or ``thibaud/controlnet-openpose-sdxl-1.0`` for SDXL, a
+            local folder, or ``builtin:tiny-controlnet`` / ``-sd2-controlnet`` / ``-sdxl-controlnet``), conditioned
+            on ``data.control_image``.
         new_tokens: Pivotal tuning: new tokens (e.g. ``["<s0>", "<s1>"]``) added to the tokenizer, their embeddings
             trained beside the LoRA; each prompt's ``identifier`` word becomes them before the text encoder reads it.
             Linked from ``data.new_tokens``; null is off.
