@@ -7,11 +7,11 @@ family: SD 1.x ones (e.g. ``lllyasviel/sd-controlnet-openpose``) for SD 1.x, SD 
 family's ControlNet pipeline renders with it (``Family.controlnet_pipeline_class``).
 
 ``builtin:tiny-controlnet`` is a ControlNet for ``builtin:tiny-sd``, ``builtin:tiny-sd2-controlnet`` one for
-``builtin:tiny-sd2`` and ``builtin:tiny-sdxl-controlnet`` one for ``builtin:tiny-sdxl``, built offline from the model's UNet (diffusers' ``ControlNetModel.from_unet``) into the
-built-in cache, with fixed-seed random weights. A new ControlNet starts with
-zero convolutions, so that the condition changes nothing before it is trained; here they get small random weights
-instead (and the condition embedding variance-keeping ones), so that the condition visibly changes the render, which
-is what tests need to see.
+``builtin:tiny-sd2`` and ``builtin:tiny-sdxl-controlnet`` one for ``builtin:tiny-sdxl``, built offline from the
+model's UNet (diffusers' ``ControlNetModel.from_unet``) into the built-in cache, with fixed-seed random weights. A new
+ControlNet starts with zero convolutions, so that the condition changes nothing before it is trained; here they get
+small random weights instead (and the condition embedding variance-keeping ones), so that the condition visibly
+changes the render, which is what tests need to see.
 """
 
 from __future__ import annotations
