@@ -42,7 +42,7 @@ _SEED = 0
 
 
 def build_tiny_controlnet(out_dir: str | Path, base: str = "builtin:tiny-sd") -> None:
-    """Write a ControlNet for a tiny model (its UNet's encoder, random fixed-seed zero convolutions) into ``out_dir``."""
+    """Write a ControlNet for a tiny model (its UNet's encoder, random fixed-seed zero convs) into ``out_dir``."""
     path = resolve_pretrained(base)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     vae_blocks = len(AutoencoderKL.load_config(path, subfolder="vae")["block_out_channels"])
