@@ -21,7 +21,7 @@ import gc
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,6 +43,37 @@ class LatentTable(NamedTuple):
 
     mean: Tensor  # (N, V, 4, h, w) float32, x scaling_factor
     std: Tensor  # (N, V, 4, h, w) float32, x scaling_factor
+    mask: Tensor | None = None  # (N, V, 1, h, w) float32 loss masks at latent size (ones: no mask), or None
+
+
+class LatentMasks(NamedTuple):
+    """The loss masks to cache beside the latents of N images.
+
+    Attributes:
+        keys: Per image, what its mask is made from (:func:`datamodules.masks.mask_key`: the mask file's SHA-256,
+            ``alpha``, or None for no mask); part of the cache key, so a changed mask file rebuilds the entry.
+        pixels: ``pixels(i)`` -> (1, H, W) mask of image ``i`` in [0, 1], cropped as its latents were encoded,
+            unflipped; called only for images whose key is not None.
+    """
+
+    keys: list[str | None]
+    pixels: Callable[[int], Tensor]
+
+
+def latent_size_masks(masks: LatentMasks, views: int, size: tuple[int, int]) -> Tensor:
+    """(N, views, 1, h, w): each image's mask (and its mirror image) averaged down to the latent grid ``size`` as
+    :func:`lightning_modules.diffusion.dreambooth_loss` averages pixel masks (ones for an image without a mask)."""
+    import torch.nn.functional as F
+
+    rows = []
+    for i, key in enumerate(masks.keys):
+        if key is None:
+            rows.append(torch.ones(views, 1, *size))
+            continue
+        center = masks.pixels(i)  # (1, H, W)
+        pixels = torch.stack([center, center.flip(-1)][:views]).float()  # (views, 1, H, W): the flip before pooling
+        rows.append(F.adaptive_avg_pool2d(pixels, size))
+    return torch.stack(rows)
 
 
 def default_cache_dir() -> Path:
@@ -118,7 +149,7 @@ def save_cache(cache_dir: Path, kind: str, key: str, tensors: dict[str, Tensor],
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{kind}-{key[:32]}.safetensors"
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
     _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key, "format": str(FORMAT_VERSION)}))
     sidecar = json.dumps({"key": key, **description}, indent=2, default=str)
     _write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(sidecar + "\n"))
@@ -196,12 +227,14 @@ def latent_cache(
     single_file_config: str | None = None,
     bucket: tuple[int, int] | None = None,
     vae: str | None = None,
+    masks: LatentMasks | None = None,
 ) -> LatentTable:
     """The latent distributions of ``images`` (in order), from the cache or encoded now and cached; with ``bucket``
     (height, width), each image resized to cover it and center-cropped to it (aspect-ratio buckets).
 
     Only a miss loads the VAE (float32, on ``device``: CUDA when available); it is freed before returning. ``vae``:
-    another VAE than the model's (``model.vae``).
+    another VAE than the model's (``model.vae``). With ``masks``, each image's loss mask at latent size is cached in
+    the same entry (``LatentTable.mask``), so a cached run reads no mask file; the masks' files are in the key.
     """
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if vae:
@@ -219,11 +252,13 @@ def latent_cache(
     }
     if bucket is not None:  # only then: the square cache's key stays what it was
         description["bucket"] = list(bucket)
+    if masks is not None:  # likewise: without masks the key stays what it was
+        description["masks"] = list(masks.keys)
     key = cache_key(description)
     cached = load_cache(cache_dir, "latents", key)
-    if cached is not None:
+    if cached is not None and (masks is None or "mask" in cached):
         log.info("Latent cache hit: %d images from %s.", len(images), cache_dir)
-        return LatentTable(cached["mean"], cached["std"])
+        return LatentTable(cached["mean"], cached["std"], cached.get("mask"))
     from lightning_modules.sd_loading import load_parts
 
     log.info("Building the latent cache: encoding %d images%s once.", len(images), " (and flipped)" * random_flip)
@@ -232,6 +267,8 @@ def latent_cache(
     table = encode_latent_table(model, images, resolution, random_flip, bucket=bucket)
     del model
     _release_memory()
+    if masks is not None:
+        table = table._replace(mask=latent_size_masks(masks, table.mean.shape[1], tuple(table.mean.shape[-2:])))
     description["image_paths"] = [str(p) for p in images]  # for people reading the sidecar; not part of the key
     save_cache(cache_dir, "latents", key, table._asdict(), description)
     return table
