@@ -215,7 +215,7 @@ def _bucket_masks(dataset: BucketDataset, keys: list[tuple[str, int]], bucket: S
     """The masks of one bucket's images (class images: none), each center-cropped to the bucket as its latents."""
     base = dataset.dataset
 
-    def pixels(row: int) -> Tensor:  # (1, h, w) of the bucket, ones for a photo without a mask
+    def pixels(row: int) -> Tensor:  # (1, H, W): the bucket's pixel size; ones for a photo without a mask
         path = dataset.path(*keys[row])
         image = load_image(path)
         mask = load_mask(path, image.size, base.alpha_mask)

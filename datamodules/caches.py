@@ -9,10 +9,11 @@
   changed caption re-encodes that caption only.
 
 Each cache is a safetensors file named by a key, the SHA-256 of everything its content depends on: for latents the
-images' bytes (in order), the resolution, crop and flip, and the VAE (base model, revision, variant, config and
-weight files); for a text entry its prompt, the family's text layout, tokenizers and text encoders. Any change gives another key, so a cache is
-rebuilt, never silently stale. The key is also stored inside the file and checked on load. Files are written
-atomically (temporary file, then rename), with a JSON sidecar saying what went into them.
+images' bytes (in order), the resolution, crop and flip, the VAE (base model, revision, variant, config and weight
+files) and, with loss masks, each mask file's bytes; for a text entry its prompt, the family's text layout, its
+tokenizers and text encoders. Any change gives another key, so a cache is rebuilt, never silently stale. The key is
+also stored inside the file and checked on load. Files are written atomically (temporary file, then rename), with a
+JSON sidecar saying what went into them.
 """
 
 from __future__ import annotations
