@@ -43,4 +43,4 @@ class DreamBoothBatch(_RequiredFields, total=False):
     # flip; aspect-ratio buckets: in the flipped image when flipped)
     loss_weight: Tensor  # (B, 1, H, W) float32 in [0, 1], only with loss masks: each pixel's weight in the row's loss
     # (instance rows: the photo's mask, cropped and flipped as the photo; class rows: ones), reduced to the latent grid
-    # by the loss
+    # by the loss; on cached latents it comes at latent size, (B, 1, h, w), already reduced (the latent cache holds it)

@@ -23,10 +23,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from datamodules.buckets import Crop, Size, apply_crop, geometry, nearest_bucket, plan_crop, to_pixels
-from datamodules.caches import LatentTable
+from datamodules.caches import LatentMasks, LatentTable
 from datamodules.datasets import DreamBoothDataset
 from datamodules.images import load_image
-from datamodules.masks import load_mask, mask_tensor
+from datamodules.masks import load_mask, mask_key, mask_tensor
 
 
 @dataclass(frozen=True)
@@ -133,28 +133,16 @@ class CachedBucketDataset(Dataset):
 
     Args:
         dataset: The bucketed pixel dataset.
-        tables: Per bucket, the latents of ``dataset.images_of(bucket)`` in that order.
+        tables: Per bucket, the latents of ``dataset.images_of(bucket)`` in that order; with masks, each table holds
+            its images' latent-size masks (``LatentTable.mask``), so no mask file is read here.
     """
 
     def __init__(self, dataset: BucketDataset, tables: dict[Size, LatentTable]) -> None:
         self.dataset = dataset
         self.rows = {b: {key: r for r, key in enumerate(dataset.images_of(b))} for b in dataset.buckets}
         self.tables = tables
-        self.masks: dict[tuple[int, Size], Tensor] = {}  # (photo, bucket) -> (views, 1, h, w)
-        base = dataset.dataset
-        for b in dataset.buckets:
-            for kind, i in self.rows[b]:
-                if kind == "instance" and base.masks:
-                    center = self._mask(i, b)
-                    self.masks[(i, b)] = torch.stack([center, center.flip(-1)][: tables[b].mean.shape[1]])
-
-    def _mask(self, i: int, bucket: Size) -> Tensor:
-        base = self.dataset.dataset
-        path = base.instance_images[i]
-        image = load_image(path)
-        mask = load_mask(path, image.size, base.alpha_mask)
-        crop = plan_crop((image.height, image.width), bucket, True, False)
-        return mask_tensor(apply_crop(mask, crop)) if mask is not None else torch.ones(1, *bucket)
+        if dataset.dataset.masks and any(t.mask is None for t in tables.values()):
+            raise ValueError("CachedBucketDataset: the dataset has masks but a latent table holds none")
 
     @property
     def buckets(self) -> list[Size]:
@@ -185,8 +173,10 @@ class CachedBucketDataset(Dataset):
             example["class"] = (class_mean, class_std, base.class_prompt)
             example["class_geometry"] = class_geom
         example["instance"] = (mean, std, base.instance_caption(item.instance))  # the caption's draws come last
-        if base.masks:
-            example["instance_mask"] = self.masks[(item.instance, item.bucket)][v]
+        if base.masks:  # (1, h, w) at latent size, the view's own
+            example["instance_mask"] = self.tables[item.bucket].mask[
+                self.rows[item.bucket][("instance", item.instance)], v
+            ]
         return example
 
 
@@ -208,7 +198,29 @@ def bucketed_dataset(
     return BucketDataset(dataset, items, instance_sizes, class_sizes, center_crop, random_flip)
 
 
-def cached_bucket_dataset(dataset: BucketDataset, latents: Callable[[list, Size], LatentTable]) -> CachedBucketDataset:
-    """``dataset`` on latents: ``latents(paths, bucket)`` gives (or builds) each bucket's cached table."""
-    tables = {b: latents([dataset.path(*key) for key in dataset.images_of(b)], b) for b in dataset.buckets}
+def cached_bucket_dataset(
+    dataset: BucketDataset, latents: Callable[[list, Size, LatentMasks | None], LatentTable]
+) -> CachedBucketDataset:
+    """``dataset`` on latents: ``latents(paths, bucket, masks)`` gives (or builds) each bucket's cached table, with
+    its instance photos' masks when the dataset has masks."""
+    tables = {}
+    for b in dataset.buckets:
+        keys = dataset.images_of(b)
+        masks = _bucket_masks(dataset, keys, b) if dataset.dataset.masks else None
+        tables[b] = latents([dataset.path(*key) for key in keys], b, masks)
     return CachedBucketDataset(dataset, tables)
+
+
+def _bucket_masks(dataset: BucketDataset, keys: list[tuple[str, int]], bucket: Size) -> LatentMasks:
+    """The masks of one bucket's images (class images: none), each center-cropped to the bucket as its latents."""
+    base = dataset.dataset
+
+    def pixels(row: int) -> Tensor:  # (1, H, W): the bucket's pixel size; ones for a photo without a mask
+        path = dataset.path(*keys[row])
+        image = load_image(path)
+        mask = load_mask(path, image.size, base.alpha_mask)
+        crop = plan_crop((image.height, image.width), bucket, True, False)
+        return mask_tensor(apply_crop(mask, crop)) if mask is not None else torch.ones(1, *bucket)
+
+    mask_keys = [mask_key(dataset.path(kind, i), base.alpha_mask) if kind == "instance" else None for kind, i in keys]
+    return LatentMasks(mask_keys, pixels)

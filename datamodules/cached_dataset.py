@@ -13,9 +13,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from datamodules.batch import DreamBoothBatch
-from datamodules.caches import LatentTable
+from datamodules.caches import LatentMasks, LatentTable
 from datamodules.datasets import DreamBoothDataset, add_loss_weight, add_size_conditioning, crop_geometry
 from datamodules.images import displayed_size
+from datamodules.masks import mask_key
 
 LatentRow = tuple[Tensor, Tensor, str]  # (4, h, w) mean, (4, h, w) std, the row's prompt
 
@@ -26,7 +27,8 @@ class CachedLatentDataset(Dataset):
     Args:
         dataset: The pixel dataset whose images, prompts and pairing this one follows.
         table: The cached latents of ``dataset.instance_images`` followed by ``dataset.class_images``. With two
-            orientations (random flip), each access picks one with probability 0.5, as a random flip would.
+            orientations (random flip), each access picks one with probability 0.5, as a random flip would. With
+            ``dataset.masks``, the table holds the latent-size masks too (:func:`~datamodules.caches.latent_cache`).
     """
 
     def __init__(self, dataset: DreamBoothDataset, table: LatentTable) -> None:
@@ -36,12 +38,13 @@ class CachedLatentDataset(Dataset):
         self.dataset = dataset
         self.table = table
         self._geometry: dict[int, Tensor] = {}  # image index -> its center crop's geometry, read on first use
-        # With masks: each instance image's mask in the cached views (unflipped, flipped), (N, views, 1, H, W).
+        # With masks: each instance image's mask in the cached views at latent size, (N, views, 1, h, w), from the
+        # cache entry (no mask file is read here).
         self.masks = None
         if dataset.masks:
-            center = torch.stack([dataset.center_mask(i) for i in range(len(dataset.instance_images))])
-            views = [center, center.flip(-1)][: table.mean.shape[1]]
-            self.masks = torch.stack(views, dim=1)
+            if table.mask is None:
+                raise ValueError("CachedLatentDataset: the dataset has masks but the latent table holds none")
+            self.masks = table.mask[: len(dataset.instance_images)]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -71,6 +74,13 @@ class CachedLatentDataset(Dataset):
             example["class"] = (*prior, self.dataset.class_prompt)
             example["class_geometry"] = self.geometry(len(self.dataset.instance_images) + c)
         return example
+
+
+def square_masks(dataset: DreamBoothDataset) -> LatentMasks:
+    """The masks of ``dataset``'s instance photos (center-cropped, as their latents are encoded) for the latent cache,
+    in the table's order: instance images, then class images (never masked)."""
+    keys = [mask_key(p, dataset.alpha_mask) for p in dataset.instance_images]
+    return LatentMasks(keys + [None] * len(dataset.class_images or []), dataset.center_mask)
 
 
 def collate_latents(examples: Sequence[dict]) -> DreamBoothBatch:

@@ -4,14 +4,16 @@
   is cached both ways), the VAE's latent distribution of every image, (mean, std) x ``scaling_factor``, is computed
   once, batched. Training samples ``mean + std * randn`` each step, which is what ``latent_dist.sample()`` does:
   the training signal is the same as encoding every step.
-- Text embeddings: with a frozen text encoder, each distinct prompt (there are two: instance and class) is
-  encoded once (SDXL: by both encoders, with the second's pooled embedding beside).
+- Text embeddings: with a frozen text encoder, each distinct prompt (instance and class prompts, each caption) is
+  encoded once (SDXL: by both encoders, with the second's pooled embedding beside) and cached as its own entry, so a
+  changed caption re-encodes that caption only.
 
 Each cache is a safetensors file named by a key, the SHA-256 of everything its content depends on: for latents the
-images' bytes (in order), the resolution, crop and flip, and the VAE (base model, revision, variant, config and
-weight files); for text the prompts, tokenizer and text encoder. Any change gives another key, so a cache is
-rebuilt, never silently stale. The key is also stored inside the file and checked on load. Files are written
-atomically (temporary file, then rename), with a JSON sidecar saying what went into them.
+images' bytes (in order), the resolution, crop and flip, the VAE (base model, revision, variant, config and weight
+files) and, with loss masks, each mask file's bytes; for a text entry its prompt, the family's text layout, its
+tokenizers and text encoders. Any change gives another key, so a cache is rebuilt, never silently stale. The key is
+also stored inside the file and checked on load. Files are written atomically (temporary file, then rename), with a
+JSON sidecar saying what went into them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import gc
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,6 +35,7 @@ from lightning_modules.safe_files import atomic_path
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when what a cache file holds changes
+TEXT_FORMAT_VERSION = 2  # 2: one entry per prompt (1 held the whole prompt set in one file)
 ENCODE_BATCH_SIZE = 4  # images per VAE call while building the latent cache
 
 
@@ -41,6 +44,37 @@ class LatentTable(NamedTuple):
 
     mean: Tensor  # (N, V, 4, h, w) float32, x scaling_factor
     std: Tensor  # (N, V, 4, h, w) float32, x scaling_factor
+    mask: Tensor | None = None  # (N, V, 1, h, w) float32 loss masks at latent size (ones: no mask), or None
+
+
+class LatentMasks(NamedTuple):
+    """The loss masks to cache beside the latents of N images.
+
+    Attributes:
+        keys: Per image, what its mask is made from (:func:`datamodules.masks.mask_key`: the mask file's SHA-256,
+            ``alpha``, or None for no mask); part of the cache key, so a changed mask file rebuilds the entry.
+        pixels: ``pixels(i)`` -> (1, H, W) mask of image ``i`` in [0, 1], cropped as its latents were encoded,
+            unflipped; called only for images whose key is not None.
+    """
+
+    keys: list[str | None]
+    pixels: Callable[[int], Tensor]
+
+
+def latent_size_masks(masks: LatentMasks, views: int, size: tuple[int, int]) -> Tensor:
+    """(N, views, 1, h, w): each image's mask (and its mirror image) averaged down to the latent grid ``size`` as
+    :func:`lightning_modules.diffusion.dreambooth_loss` averages pixel masks (ones for an image without a mask)."""
+    import torch.nn.functional as F
+
+    rows = []
+    for i, key in enumerate(masks.keys):
+        if key is None:
+            rows.append(torch.ones(views, 1, *size))
+            continue
+        center = masks.pixels(i)  # (1, H, W)
+        pixels = torch.stack([center, center.flip(-1)][:views]).float()  # (views, 1, H, W): the flip before pooling
+        rows.append(F.adaptive_avg_pool2d(pixels, size))
+    return torch.stack(rows)
 
 
 def default_cache_dir() -> Path:
@@ -116,7 +150,7 @@ def save_cache(cache_dir: Path, kind: str, key: str, tensors: dict[str, Tensor],
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{kind}-{key[:32]}.safetensors"
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
     _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key, "format": str(FORMAT_VERSION)}))
     sidecar = json.dumps({"key": key, **description}, indent=2, default=str)
     _write_atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(sidecar + "\n"))
@@ -194,12 +228,14 @@ def latent_cache(
     single_file_config: str | None = None,
     bucket: tuple[int, int] | None = None,
     vae: str | None = None,
+    masks: LatentMasks | None = None,
 ) -> LatentTable:
     """The latent distributions of ``images`` (in order), from the cache or encoded now and cached; with ``bucket``
     (height, width), each image resized to cover it and center-cropped to it (aspect-ratio buckets).
 
     Only a miss loads the VAE (float32, on ``device``: CUDA when available); it is freed before returning. ``vae``:
-    another VAE than the model's (``model.vae``).
+    another VAE than the model's (``model.vae``). With ``masks``, each image's loss mask at latent size is cached in
+    the same entry (``LatentTable.mask``), so a cached run reads no mask file; the masks' files are in the key.
     """
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if vae:
@@ -217,11 +253,13 @@ def latent_cache(
     }
     if bucket is not None:  # only then: the square cache's key stays what it was
         description["bucket"] = list(bucket)
+    if masks is not None:  # likewise: without masks the key stays what it was
+        description["masks"] = list(masks.keys)
     key = cache_key(description)
     cached = load_cache(cache_dir, "latents", key)
-    if cached is not None:
+    if cached is not None and (masks is None or "mask" in cached):
         log.info("Latent cache hit: %d images from %s.", len(images), cache_dir)
-        return LatentTable(cached["mean"], cached["std"])
+        return LatentTable(cached["mean"], cached["std"], cached.get("mask"))
     from lightning_modules.sd_loading import load_parts
 
     log.info("Building the latent cache: encoding %d images%s once.", len(images), " (and flipped)" * random_flip)
@@ -230,6 +268,8 @@ def latent_cache(
     table = encode_latent_table(model, images, resolution, random_flip, bucket=bucket)
     del model
     _release_memory()
+    if masks is not None:
+        table = table._replace(mask=latent_size_masks(masks, table.mean.shape[1], tuple(table.mean.shape[-2:])))
     description["image_paths"] = [str(p) for p in images]  # for people reading the sidecar; not part of the key
     save_cache(cache_dir, "latents", key, table._asdict(), description)
     return table
@@ -285,33 +325,55 @@ def text_embedding_tables(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
     """(prompt -> (77, D) context, prompt -> (P,) pooled embedding or None) of the frozen text encoder(s), as
     :func:`lightning_modules.diffusion.encode_prompts` makes them for the model's family; from the cache or encoded
-    now and cached."""
-    from lightning_modules.diffusion import encode_prompts
+    now and cached.
+
+    One cache entry per distinct prompt (``<cache_dir>/text/prompt-<key>.safetensors``), keyed by the prompt, the
+    family's text layout and its tokenizers' and text encoders' fingerprints: changing one caption encodes that one
+    caption only. Each prompt is encoded alone (a batch of one), so an entry's bits never depend on which other
+    prompts happened to be missing with it.
+    """
     from lightning_modules.families import SD1
     from lightning_modules.sd_loading import check_model_path, detect_family
 
     family = detect_family(check_model_path(pretrained_model_name_or_path, revision), revision) or SD1
     prompts = sorted(set(prompts))
-    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    model = (pretrained_model_name_or_path, revision, variant, single_file_config)
-    description = {"kind": "text_embeddings", "format": FORMAT_VERSION, "prompts": prompts}
-    for part in (*family.tokenizers, *family.text_encoders):  # SD 1.x / 2.x: tokenizer, text_encoder (keys as before)
-        description[part] = part_fingerprint(pretrained_model_name_or_path, part, revision, variant, single_file_config)
-    key = cache_key(description)
-    cached = load_cache(cache_dir, "text", key)
-    if cached is None:
-        from lightning_modules.sd_loading import load_parts
-
-        log.info("Building the text-embedding cache: encoding %d prompts once.", len(prompts))
-        loaded = load_parts(pretrained_model_name_or_path, [*family.tokenizers, *family.text_encoders], *model[1:])
-        encoders = [loaded[name].to(_pick_device(device)).eval() for name in family.text_encoders]
-        text = encode_prompts(family, [loaded[n] for n in family.tokenizers], encoders, prompts)
-        cached = {"embeds": text.context.float().cpu()}  # (P, 77, D)
-        if text.pooled is not None:
-            cached["pooled"] = text.pooled.float().cpu()  # (P, P_dim)
-        del encoders, loaded, text
-        _release_memory()
-        save_cache(cache_dir, "text", key, cached, description)
-    embeds = {p: cached["embeds"][i] for i, p in enumerate(prompts)}
-    pooled = {p: cached["pooled"][i] for i, p in enumerate(prompts)} if "pooled" in cached else None
+    folder = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "text"
+    encoder = {"family": family.name, "text_context": family.text_context}  # what every entry's key shares
+    for part in (*family.tokenizers, *family.text_encoders):
+        encoder[part] = part_fingerprint(pretrained_model_name_or_path, part, revision, variant, single_file_config)
+    keys = {
+        p: cache_key({"kind": "text_embedding", "format": TEXT_FORMAT_VERSION, "prompt": p, **encoder}) for p in prompts
+    }
+    entries = {p: load_cache(folder, "prompt", keys[p]) for p in prompts}
+    missing = [p for p in prompts if entries[p] is None]
+    if missing:
+        model = (pretrained_model_name_or_path, revision, variant, single_file_config)
+        entries.update(_encode_and_cache(family, model, missing, keys, encoder, folder, device))
+    else:
+        log.info("Text-embedding cache hit: %d prompts from %s.", len(prompts), folder)
+    embeds = {p: entries[p]["embeds"] for p in prompts}
+    pooled = {p: entries[p]["pooled"] for p in prompts} if all("pooled" in e for e in entries.values()) else None
     return embeds, pooled
+
+
+def _encode_and_cache(family, model: tuple, prompts: list[str], keys: dict, encoder: dict, folder: Path, device):
+    """Encode each of ``prompts`` alone with the family's frozen text encoder(s) and cache each as its own entry."""
+    from lightning_modules.diffusion import encode_prompts
+    from lightning_modules.sd_loading import load_parts
+
+    log.info("Building the text-embedding cache: encoding %d new prompt(s) once.", len(prompts))
+    loaded = load_parts(model[0], [*family.tokenizers, *family.text_encoders], *model[1:])
+    encoders = [loaded[name].to(_pick_device(device)).eval() for name in family.text_encoders]
+    tokenizers = [loaded[n] for n in family.tokenizers]
+    entries = {}
+    for prompt in prompts:
+        text = encode_prompts(family, tokenizers, encoders, [prompt])
+        entry = {"embeds": text.context[0].float().cpu()}  # (77, D)
+        if text.pooled is not None:
+            entry["pooled"] = text.pooled[0].float().cpu()  # (P_dim,)
+        description = {"kind": "text_embedding", "format": TEXT_FORMAT_VERSION, "prompt": prompt, **encoder}
+        save_cache(folder, "prompt", keys[prompt], entry, description)
+        entries[prompt] = entry
+    del encoders, loaded, tokenizers
+    _release_memory()
+    return entries

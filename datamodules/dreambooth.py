@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.bucket_dataset import bucketed_dataset, cached_bucket_dataset
 from datamodules.buckets import assign_buckets, check_bucket_options, resolve_step
-from datamodules.cached_dataset import CachedLatentDataset, WithTextEmbeddings, collate_latents
+from datamodules.cached_dataset import CachedLatentDataset, WithTextEmbeddings, collate_latents, square_masks
 from datamodules.caches import latent_cache, text_embedding_tables
 from datamodules.captions import (
     check_caption_options,
@@ -307,6 +307,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.test_subjects: list[EvalSubject] = []  # built in setup("test")
         self.test_dataset: EvalPromptDataset | None = None
         self.heldout: HeldOutSet | None = None  # built in setup("fit" / "validate") with data.holdout
+        self._mask_counts: dict[tuple[Path, ...], int] = {}  # photos -> how many have a mask (checked once)
 
     def prepare_data(self) -> None:
         """Check the images and, for ``fit``, generate the missing class images and build the caches (once per node)."""
@@ -471,8 +472,11 @@ class DreamBoothDataModule(pl.LightningDataModule):
     def _has_masks(self, c: ResolvedConcept, images: list[Path], announce: bool = False) -> bool:
         """Whether any photo has a loss mask (each is checked: readable, the photo's size, not all black)."""
         option = f"{c.option}.instance_data_dir"
-        sizes = check_images(images, option)
-        found = check_masks(images, sizes, self.hparams.alpha_mask)
+        if tuple(images) not in self._mask_counts:  # each mask is checked (decoded) once per process
+            self._mask_counts[tuple(images)] = check_masks(
+                images, check_images(images, option), self.hparams.alpha_mask
+            )
+        found = self._mask_counts[tuple(images)]
         if announce and found:
             log.info("%s: %d of %d photos have a loss mask.", option, found, len(images))
         return found > 0
@@ -585,9 +589,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
             if hp.cache_latents and hp.center_crop:
                 data = cached_bucket_dataset(
                     data,
-                    lambda paths, bucket: latent_cache(
+                    lambda paths, bucket, masks: latent_cache(
                         paths, hp.resolution, hp.random_flip, *model, cache_dir=hp.cache_dir, single_file_config=sfc,
-                        bucket=bucket, vae=hp.get("vae"),
+                        bucket=bucket, vae=hp.get("vae"), masks=masks,
                     ),
                 )  # fmt: skip
                 collate = collate_latents
@@ -601,6 +605,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 cache_dir=hp.cache_dir,
                 single_file_config=sfc,
                 vae=hp.get("vae"),
+                masks=square_masks(dataset) if dataset.masks else None,
             )
             data, collate = CachedLatentDataset(dataset, table), collate_latents
         return data, collate

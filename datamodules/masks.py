@@ -69,6 +69,17 @@ def load_mask(photo: Path, size: tuple[int, int], alpha_mask: bool) -> Image.Ima
     return None
 
 
+def mask_key(photo: Path, alpha_mask: bool) -> str | None:
+    """What ``photo``'s mask is made from, for cache keys, without decoding it: its mask file's SHA-256, ``alpha``
+    (its own alpha channel, with ``alpha_mask``: the photo's bytes are keyed already), or None (no mask)."""
+    from datamodules.caches import file_sha256
+
+    path = mask_file(Path(photo))
+    if path.is_file():
+        return file_sha256(path)
+    return "alpha" if alpha_mask else None
+
+
 def mask_tensor(mask: Image.Image) -> Tensor:
     """8-bit grayscale -> (1, H, W) float32 in [0, 1]."""
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]

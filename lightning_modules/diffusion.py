@@ -43,7 +43,8 @@ def dreambooth_loss(
         is_prior: (B,) bool, True for class (prior-preservation) rows.
         prior_loss_weight: weight of the class rows' term; 0 gives plain fine-tuning on the instance rows.
         loss_weight: (B, 1, H, W) per-pixel weights in [0, 1] (loss masks; ones on class rows), or None. They are
-            averaged down to the latent grid (h, w), and each row's error is their weighted mean.
+            averaged down to the latent grid (h, w) (at (h, w) already, as the latent cache holds them, they stay as
+            they are), and each row's error is their weighted mean.
         row_weights: (B,) float weight of each row's mean squared error (min-SNR: ``loss_recipes.loss_row_weights``),
             instance and class rows alike; None weighs every row 1.
     """

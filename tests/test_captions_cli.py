@@ -127,7 +127,7 @@ def test_dropout_alone_caches_the_empty_prompt(run_args, tmp_path, toy_subject_d
     assert all(rec.cached_embeddings)
     assert {p for batch in rec.prompts for p in batch[: len(batch) // 2]} == {"", "a photo of sks ball"}
     sidecars = [json.loads(p.read_text()) for p in isolated_data_cache.rglob("*.json")]
-    assert any(d.get("kind") == "text_embeddings" and "" in d["prompts"] for d in sidecars)
+    assert any(d.get("kind") == "text_embedding" and d["prompt"] == "" for d in sidecars)
 
 
 def test_warns_when_no_caption_names_the_identifier(run_args, tmp_path, toy_subject_dir, caplog):
@@ -204,3 +204,44 @@ def test_the_captions_example_config_trains(run_args, tmp_path, toy_subject_dir)
     rows = [p for batch in _recorded(cli).prompts for p in batch[:4]]
     assert {p.split(", ")[0] for p in rows if p} == {"a photo of sks dog"}
     assert len({p for p in rows if p}) > 1
+
+
+def test_text_embedding_cache_encodes_only_a_changed_caption(run_args, tmp_path, toy_subject_dir, monkeypatch):
+    """One cache entry per distinct caption: a second fit after one caption changed encodes that caption alone, and
+    trains the same weights bit for bit as a fit that encoded every caption afresh."""
+    import lightning_modules.diffusion
+
+    encoded: list[list[str]] = []
+    encode = lightning_modules.diffusion.encode_prompts
+
+    def counting(family, tokenizers, text_encoders, prompts):
+        encoded.append(list(prompts))
+        return encode(family, tokenizers, text_encoders, prompts)
+
+    monkeypatch.setattr(lightning_modules.diffusion, "encode_prompts", counting)
+    folder = _photos(tmp_path, toy_subject_dir)
+    images = sorted(folder.glob("*.png"))
+    for i, image in enumerate(images):
+        image.with_suffix(".txt").write_text(f"{{identifier}} ball, tag {i}", encoding="utf-8")
+    cache = tmp_path / "cache"
+    args = (*QUIET, f"--data.instance_data_dir={folder}", "--data.batch_size=2")
+    cli_main(run_args(*args, f"--data.cache_dir={cache}", steps=2))
+    assert sorted(p for call in encoded for p in call) == sorted(
+        [f"sks ball, tag {i}" for i in range(4)] + ["a photo of ball"]
+    )
+    assert all(len(call) == 1 for call in encoded)  # each alone: an entry never depends on its batch mates
+    before = {p.name: p.stat().st_mtime_ns for p in (cache / "text").glob("*.safetensors")}
+    assert len(before) == 5
+
+    images[2].with_suffix(".txt").write_text("{identifier} ball, a changed tag", encoding="utf-8")
+    encoded.clear()
+    reused = cli_main(run_args(*args, f"--data.cache_dir={cache}", steps=2))
+    assert encoded == [["sks ball, a changed tag"]]  # only the changed caption
+    after = {p.name: p.stat().st_mtime_ns for p in (cache / "text").glob("*.safetensors")}
+    assert len(after) == 6 and all(after[name] == mtime for name, mtime in before.items())  # the others untouched
+    assert all(_recorded(reused).cached_embeddings)
+
+    encoded.clear()
+    fresh = cli_main(run_args(*args, f"--data.cache_dir={tmp_path / 'fresh_cache'}", steps=2))
+    assert len(encoded) == 5
+    assert _same(_export(reused), _export(fresh))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -118,6 +119,7 @@ def test_cached_latents_carry_the_mask_of_the_view_they_train(run_args, tmp_path
     masks = _left_half_masks(folder)
     cli = cli_main(run_args(f"--data.instance_data_dir={folder}", "--data.random_flip=true", *QUIET, steps=4))
     left = torch.from_numpy(next(iter(masks.values())) / 255.0).float()
+    left = F.adaptive_avg_pool2d(left[None, None], (16, 16))[0, 0]  # at latent size, as the latent cache holds it
     seen = set()
     for weight, prior in zip(_recorded(cli).loss_weights, _recorded(cli).is_prior, strict=True):
         assert torch.equal(weight[prior], torch.ones_like(weight[prior]))
@@ -126,6 +128,57 @@ def test_cached_latents_carry_the_mask_of_the_view_they_train(run_args, tmp_path
             assert flipped or torch.equal(row[0], left)
             seen.add(flipped)
     assert seen == {False, True}  # both cached views, each with its own mask
+
+
+@pytest.mark.parametrize("buckets", [False, True], ids=["square", "buckets"])
+def test_masks_live_in_the_latent_cache_and_a_changed_mask_rebuilds_it(
+    run_args, tmp_path, toy_subject_dir, monkeypatch, buckets
+):
+    """The latent cache holds each photo's mask at latent size (per bucket too): a cached run decodes each mask once,
+    for the up-front check, and builds no mask for training; a changed mask file gives another cache entry."""
+    import datamodules.bucket_dataset
+    import datamodules.datasets
+    import datamodules.masks
+
+    folder = _photos(tmp_path, toy_subject_dir)
+    masks = _left_half_masks(folder)
+    reads: list[str] = []  # (where, photo) of each mask decoded
+    for module in (datamodules.masks, datamodules.datasets, datamodules.bucket_dataset):
+        real = module.load_mask
+
+        def counting(photo, size, alpha_mask, real=real, where=module.__name__):
+            reads.append(f"{where} {Path(photo).name}")
+            return real(photo, size, alpha_mask)
+
+        monkeypatch.setattr(module, "load_mask", counting)
+    cache = tmp_path / "cache"
+    args = (
+        f"--data.instance_data_dir={folder}",
+        f"--data.cache_dir={cache}",
+        f"--data.buckets={str(buckets).lower()}",
+        "--data.random_flip=true",
+        "--data.batch_size=4",  # every photo in the one batch
+        *QUIET,
+    )
+    cli_main(run_args(*args, steps=1))
+    entries = sorted(cache.glob("latents-*.safetensors"))
+    assert len(entries) == 1 and any(not r.startswith("datamodules.masks ") for r in reads)  # built from the masks
+
+    reads.clear()
+    again = cli_main(run_args(*args, steps=1))
+    assert sorted(reads) == sorted(f"datamodules.masks {name}" for name in masks)  # the check, once per mask
+    assert sorted(cache.glob("latents-*.safetensors")) == entries  # a hit
+    (weight,), (prior,) = _recorded(again).loss_weights, _recorded(again).is_prior
+    assert weight.shape[-2:] == (16, 16)  # latent size (tiny-sd: VAE factor 4)
+    left = F.adaptive_avg_pool2d(torch.from_numpy(next(iter(masks.values())) / 255.0).float()[None, None], (16, 16))
+    assert all(torch.equal(row, left[0]) or torch.equal(row, left[0].flip(-1)) for row in weight[~prior])
+
+    photo = sorted(folder.glob("*.png"))[0]
+    Image.new("L", Image.open(photo).size, 255).save(photo.with_name(f"{photo.stem}_mask.png"))  # now all white
+    changed = cli_main(run_args(*args, steps=1))
+    assert len(list(cache.glob("latents-*.safetensors"))) == 2  # another entry: the mask file is in the key
+    (weight,), (prior,) = _recorded(changed).loss_weights, _recorded(changed).is_prior
+    assert sum(torch.equal(row, torch.ones_like(row)) for row in weight[~prior]) == 1  # the white mask's photo
 
 
 def test_no_mask_or_alpha_mask_off_trains_bitwise_as_before_and_alpha_masks_train(run_args, tmp_path, toy_subject_dir):

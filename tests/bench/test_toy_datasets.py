@@ -57,3 +57,10 @@ def test_two_subjects_differ_only_on_the_ball(tmp_path):
     a, b = (np.asarray(Image.open(folders[n] / "toy_00.png")).astype(int) for n in ("sks", "zwx"))
     changed = np.abs(a - b).sum(axis=2) > 30
     assert 0.05 < changed.mean() < 0.5 and not changed[0].any()  # the ball; the wall's top row untouched
+
+
+def test_the_second_subject_can_take_a_toy_dreambench_look(tmp_path):
+    folders = draw_two_subjects(tmp_path, names=("sks", "ohwx"), look="bee")
+    a, b = (np.asarray(Image.open(folders[n] / "toy_00.png")).astype(int) for n in ("sks", "ohwx"))
+    changed = np.abs(a - b).sum(axis=2) > 30
+    assert 0.05 < changed.mean() < 0.5 and not changed[0].any()  # another ball where the demo's is; the same wall

@@ -61,9 +61,11 @@ def test_cached_batches_carry_latents_and_text_embeddings(tmp_path, toy_subject_
     embeds = {p: e for p, e in zip(batch["prompts"], batch["prompt_embeds"], strict=True)}
     assert not torch.equal(embeds[INSTANCE], embeds[CLASS])
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert [f.split("-")[0] + f[f.rindex(".") :] for f in files] == [
-        "latents.json", "latents.safetensors", "text.json", "text.safetensors",
+    assert [f.split("-")[0] + f[f.rindex(".") :] if "." in f else f for f in files] == [
+        "latents.json", "latents.safetensors", "text",
     ]  # fmt: skip
+    entries = sorted(p.name.split("-")[0] + p.suffix for p in (tmp_path / "cache" / "text").iterdir())
+    assert entries == ["prompt.json", "prompt.json", "prompt.safetensors", "prompt.safetensors"]  # one per prompt
     sidecar = json.loads((tmp_path / "cache" / files[0]).read_text())
     assert sidecar["resolution"] == 64 and sidecar["random_flip"] and len(sidecar["images"]) == 8
 

@@ -35,16 +35,20 @@ def test_buckets_learn_a_subject_near_the_edge_that_square_crops_cut_off():
     assert buckets["dino_wide"] > square["dino_wide"] + BUCKET_GAIN, (square, buckets)
 
 
-# bench/results/cpu_toy_concepts.md (seeds 0-2, 200 steps, 2026-12-04): each subject's photos are closest to its own
-# identifier's renders (sks photos: 0.41-0.48 for "a sks ball", 0.28-0.36 for "a zwx ball"; zwx photos: 0.29-0.30
-# against 0.22-0.23; the smaller gap, about 0.07, on every seed). That "a zwx ball" is closer to its own photos than to
-# the sks ones does not hold (-0.07 to +0.01), so it is not asserted.
-CONCEPT_GAP = 0.03
+# bench/results/cpu_toy_concepts.md (seeds 0-2, 200 steps, LoRA rank 16, 2026-12-04): each subject's photos are closest
+# to its own identifier's renders (sks photos: 0.40-0.51 for "a sks ball", 0.23-0.33 for "a zwx ball"; zwx photos:
+# 0.28-0.37 against 0.04-0.27; seed 0: gaps 0.15 and 0.24), and each identifier's renders are closer to its own photos
+# than to the other's (seed 0: +0.37 for sks, +0.023 for zwx; seeds 1-2: +0.04 to +0.24). At rank 4 the second did not
+# hold (bench/results/cpu_toy_concepts_variants.md). The margins sit at about half of seed 0's gaps.
+CONCEPT_GAP = 0.07
+OWN_PHOTOS_GAP = 0.01
 
 
 @pytest.mark.slow
-def test_each_subjects_photos_are_closest_to_its_own_identifiers_renders():
+def test_each_identifier_renders_its_own_subject():
     rows = {r["prompt"]: r for r in toy_concepts.measure(steps=200, seeds=[0])}
     sks, zwx = rows["a sks ball"], rows["a zwx ball"]
-    assert sks["sks"] > zwx["sks"] + CONCEPT_GAP, rows
-    assert zwx["zwx"] > sks["zwx"] + CONCEPT_GAP, rows
+    assert sks["sks"] > zwx["sks"] + CONCEPT_GAP, rows  # each subject's photos: closest to its own identifier's renders
+    assert zwx["other"] > sks["other"] + CONCEPT_GAP, rows
+    assert sks["sks"] > sks["other"] + OWN_PHOTOS_GAP, rows  # each identifier's renders: closest to its own photos
+    assert zwx["other"] > zwx["sks"] + OWN_PHOTOS_GAP, rows
