@@ -67,6 +67,51 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+PHASE_PREFIX = "BENCH_PHASE "  # a child process prints its memory at each phase on lines starting with this
+
+
+def _proc_status_bytes(keys: tuple[str, ...] = ("VmHWM", "RssAnon", "RssFile")) -> dict[str, int]:
+    """This process's peak resident memory so far and its anonymous / file-backed resident memory (Linux)."""
+    values = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in keys:
+                values[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return values
+
+
+class MemoryPhases(pl.Callback):
+    """Prints the process's resident memory (peak so far, anonymous, file-backed) at the phases of a fit: after
+    set-up (data caches built), at the start of training (model loaded), before and after the first steps' backward;
+    so a benchmark can tell whether its peak is set while loading or inside a training step.
+
+    Args:
+        steps: The training steps to follow.
+    """
+
+    def __init__(self, steps: int = 2) -> None:
+        self.steps = steps
+
+    def _mark(self, trainer: pl.Trainer, phase: str) -> None:
+        if trainer.global_step < self.steps:
+            print(PHASE_PREFIX + json.dumps({"phase": phase, **_proc_status_bytes()}), flush=True)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self._mark(trainer, "set-up done (caches built)")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._mark(trainer, "training starts (model loaded)")
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._mark(trainer, f"step {trainer.global_step + 1}: forward done")
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self._mark(trainer, f"step {trainer.global_step + 1}: backward done")
+
+
 class StepTimer(pl.Callback):
     """Times each optimizer step, from one ``on_train_batch_end`` to the next (so data loading, logging and the
     optimizer are included), and prints the steady-state median when fit ends.

@@ -45,13 +45,22 @@ Jobs (GPU mode; about 3-5 minutes of GPU work in all, plus the one-time build):
 - ``ddp-2gpu`` (two or more GPUs; skipped with a note on one): ``lora-bf16`` at 256 px on 2 GPUs through DDP: NCCL
   as the process group's backend, validation prompts spread over the ranks, metric states on each rank's GPU, the
   synchronized ``val/*`` metrics equal on both ranks.
+- ``sdxl-lora-1024``: ``configs/sdxl_lora.yaml`` on ``builtin:sdxl-random`` (the real SDXL base architecture with
+  random weights, built before the job on first use: 14 GB in float32, no download) at 1024 px in ``bf16-mixed``:
+  UNet LoRA (rank 32) with prior preservation, frozen weights in bf16, latents and both encoders' text embeddings
+  cached, gradient checkpointing, one image + one class image per step, 8 steps, 8-bit AdamW when bitsandbytes is
+  importable; no validation, checkpoints or export. Checks as above (no validation) plus the memory target of issue
+  12: the training steps' peak GPU memory allocated at most 12 GB (``SDXL_TARGET_GB``), reserved reported beside it.
+  It runs last; after the others the 450 s budget may be spent (the model build is not quick), so run it on its own:
+  ``--only sdxl-lora-1024`` builds and runs only this (the SD 1.5 model is then not built); its timeout is 170 s.
 
 Budget: jobs start only while less than ``--budget-s`` (450) seconds have passed since the script started, model
 build included, and each job's timeout (120-180 s, ``--timeout-scale``) is cut to what is left, so the script ends
 within 8 minutes; a job that runs out of time is killed with its process group and reported as ``TIMEOUT``.
 ``--job-arg JOB=ARG`` appends a CLI argument to one job.
 
-``--smoke`` runs the same jobs on the CPU with ``builtin:tiny-sd`` at 64 px, 2-3 steps and 2 sampler steps, the tiny
+``--smoke`` runs the same jobs on the CPU with ``builtin:tiny-sd`` (``builtin:tiny-sdxl`` for the SDXL job, with
+AdamW and no memory target) at 64 px, 2-3 steps and 2 sampler steps, the tiny
 or toy metric encoders, ``bf16-mixed`` for ``lora-bf16`` and ``full-8bit-fused`` and ``32-true`` for the others
 (bf16 is slow on a CPU without bf16 instructions; fp16 autocast and its scaler are CUDA's), one torch thread
 (``--threads``), ``adamw8bit`` when the installed bitsandbytes runs it on the CPU (tried first; 0.50 does; ``adamw``
@@ -461,6 +470,7 @@ class Job:
     validations: int = 0  # validation runs expected (sanity check included)
     devices: int = 1
     skip: str | None = None  # why it does not run here
+    model: str | None = None  # the base model when not the context's (built before the job runs)
 
 
 def _probe(ctx: Context, job: Job, **init_args: Any) -> str:
@@ -472,8 +482,10 @@ def _probe(ctx: Context, job: Job, **init_args: Any) -> str:
 def _sizes(ctx: Context) -> dict[str, int]:
     """Steps, sampler steps and validation interval of the fits: full size on a GPU, a few on the CPU."""
     if ctx.smoke:
-        return {"steps": 3, "interval": 2, "steps_short": 2, "sampler": 2, "class_images": 2, "eval_prompts": 1}
-    return {"steps": 16, "interval": 8, "steps_short": 12, "sampler": 10, "class_images": 2, "eval_prompts": 2}
+        return {"steps": 3, "interval": 2, "steps_short": 2, "sampler": 2, "class_images": 2, "eval_prompts": 1,
+                "steps_sdxl": 2}  # fmt: skip
+    return {"steps": 16, "interval": 8, "steps_short": 12, "sampler": 10, "class_images": 2, "eval_prompts": 2,
+            "steps_sdxl": 8}  # fmt: skip
 
 
 def _config_with_csv_logger(ctx: Context, config: str) -> Path:
@@ -617,6 +629,51 @@ def _ddp_args(ctx: Context, job: Job) -> list[str]:
     ]  # fmt: skip
 
 
+SDXL_TARGET_GB = 12.0  # issue 12: SDXL LoRA at 1024 px with caches and gradient checkpointing trains on a 12 GB card
+CHECK_SDXL_MEMORY = f"peak GPU memory of the training steps <= {SDXL_TARGET_GB:g} GB (SDXL LoRA 1024 px target)"
+
+
+def _sdxl_lora_args(ctx: Context, job: Job) -> list[str]:
+    """``configs/sdxl_lora.yaml`` on ``builtin:sdxl-random`` as its users run it, for the memory target: UNet LoRA with
+    prior preservation, frozen weights in bf16, latents and text embeddings of both encoders cached (no VAE or text
+    encoder during the steps), gradient checkpointing, one image + one class image per step, no accumulation; 8-bit
+    AdamW where bitsandbytes runs it. No validation, checkpoints or export (SDXL renders at 1024 px cost minutes and
+    show nothing about the training peak)."""
+    s = _sizes(ctx)
+    return [
+        *_common(ctx, job, "sdxl_lora.yaml", "fit"),
+        "--model.pretrained_model_name_or_path", job.model or ctx.model,
+        "--model.vae=null",  # the config's fp16-fix VAE is a download; SDXL's own VAE (float32) encodes the cache
+        "--model.train_text_encoder=false", "--model.gradient_checkpointing=true",
+        f"--model.optimizer={_sdxl_optimizer(ctx)}",
+        "--data.cache_latents=true",  # the text-embedding cache follows from train_text_encoder false
+        "--trainer.accumulate_grad_batches=1", f"--trainer.max_steps={s['steps_sdxl']}",
+        "--trainer.num_sanity_val_steps=0", "--trainer.limit_val_batches=0", "--metrics.enabled=false",
+        "--data.class_data_dir", str(ctx.class_dir), "--data.num_class_images=4",
+        "--trainer.enable_checkpointing=false", "--export.enabled=false",
+        f"--trainer.callbacks=[{_probe(ctx, job, reference=False)}]",
+    ]  # fmt: skip
+
+
+def _sdxl_optimizer(ctx: Context) -> str:
+    """On a GPU, 8-bit AdamW when bitsandbytes is importable, else AdamW. In smoke mode AdamW: ``tiny-sdxl``'s adapters
+    are all below bitsandbytes' 4096-value minimum for 8-bit state (the ``full-8bit-fused`` job covers 8-bit AdamW)."""
+    import importlib.util
+
+    return "adamw8bit" if not ctx.smoke and importlib.util.find_spec("bitsandbytes") is not None else "adamw"
+
+
+def sdxl_memory_check(result: dict, target_gb: float = SDXL_TARGET_GB) -> dict:
+    """The memory target of the SDXL job: the training steps' peak of ``torch.cuda.max_memory_allocated`` at most
+    ``target_gb`` (what the tensors held; the allocator's reserved peak is reported beside it)."""
+    allocated = result.get("peak_allocated", {}).get("train")
+    reserved = result.get("peak_reserved", {}).get("train")
+    if not allocated:
+        return {"ok": False, "detail": "no GPU peak measured"}
+    detail = f"allocated {allocated / GB:.2f} GB, reserved {(reserved or 0) / GB:.2f} GB (target {target_gb:g} GB)"
+    return {"ok": allocated <= target_gb * GB, "detail": detail}
+
+
 FIT_CHECKS = (CHECK_DEVICE, CHECK_DTYPES, CHECK_LOSS, CHECK_WEIGHTS, CHECK_OPTIMIZER, CHECK_VAL_METRICS,
               CHECK_VAL_FINITE, CHECK_TIMING)  # fmt: skip
 
@@ -637,6 +694,9 @@ def make_jobs(ctx: Context, gpus: int) -> list[Job]:
     elif gpus < 2:
         ddp_skip = f"{gpus} GPU on this machine; NCCL needs two"
     fsdp_skip = "CPU smoke mode (FSDP needs CUDA here)" if smoke else None
+    sdxl_checks = (CHECK_DEVICE, CHECK_DTYPES, CHECK_LOSS, CHECK_WEIGHTS, CHECK_OPTIMIZER, CHECK_TIMING)
+    sdxl_checks += () if smoke else (CHECK_SDXL_MEMORY,)
+    sdxl_checks += (CHECK_8BIT,) if _sdxl_optimizer(ctx) == "adamw8bit" else ()
     return [
         Job("lora-bf16", "sd15_lora.yaml, UNet LoRA + prior, cached latents/text, 3 validations, toy encoders, export",
             "bf16-mixed", hi, 180, _lora_bf16_args, FIT_CHECKS, validations=3),
@@ -655,6 +715,10 @@ def make_jobs(ctx: Context, gpus: int) -> list[Job]:
             validations=1, skip=fsdp_skip),
         Job("ddp-2gpu", "sd15_lora.yaml on 2 GPUs (DDP, NCCL), validation prompts spread, metrics synchronized",
             "bf16-mixed", lo, 180, _ddp_args, (*FIT_CHECKS, CHECK_BACKEND), validations=2, devices=2, skip=ddp_skip),
+        Job("sdxl-lora-1024", "sdxl_lora.yaml on builtin:sdxl-random, UNet LoRA + prior, bf16 frozen weights, cached "
+            f"latents/text, grad. ckpt, {_sdxl_optimizer(ctx)}; peak GPU memory against the 12 GB target",
+            "bf16-mixed", 64 if smoke else 1024, 170, _sdxl_lora_args, sdxl_checks,
+            model="builtin:tiny-sdxl" if smoke else "builtin:sdxl-random"),
     ]  # fmt: skip
 
 
@@ -784,6 +848,8 @@ def _job_specific_checks(ctx: Context, job: Job, result: dict, checks: dict[str,
             ok = all(t.numel() > 0 and bool(t.float().isfinite().all()) for t in tensors)
             sizes = sum(t.numel() for t in tensors)
             checks["export: whole, finite tensors (no shards)"] = {"ok": ok, "detail": f"{sizes} values"}
+    if job.name == "sdxl-lora-1024" and not ctx.smoke:
+        checks[CHECK_SDXL_MEMORY] = sdxl_memory_check(result)
     if job.name == "test":
         report = run / "eval" / "report.json" if run else None
         checks["eval/report.json written"] = {"ok": bool(report and report.is_file()), "detail": str(report)}
@@ -980,6 +1046,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _build_job_model(ctx: Context, job: Job) -> str | None:
+    """Build a job's own base model (a built-in, once) before it runs, noting the time; the traceback if it fails."""
+    from lightning_modules.builtin_models import builtin_path, resolve_pretrained
+
+    if not job.model.startswith("builtin:") or (builtin_path(job.model) / "model_index.json").is_file():
+        return None
+    start = time.perf_counter()
+    try:
+        resolve_pretrained(job.model)
+    except Exception:
+        return traceback.format_exc()
+    ctx.notes.append(f"{job.name}: {job.model} built in {time.perf_counter() - start:.0f} s before the job")
+    return None
+
+
 def run_jobs(
     ctx: Context, jobs: list[Job], args: argparse.Namespace, out: Path, started: float, argv: list[str] | None
 ) -> dict[str, Outcome]:
@@ -989,7 +1070,8 @@ def run_jobs(
     build_start = time.perf_counter()
     build_error = None
     try:
-        resolve_pretrained(ctx.model)  # built once, before any job: ~1 minute and 4 GB for sd15-random
+        if any(not j.skip and j.model is None for j in jobs):
+            resolve_pretrained(ctx.model)  # built once, before any job: ~1 minute and 4 GB for sd15-random
         _prepare_data(ctx, 64 if ctx.smoke else 512)
     except Exception:
         build_error = traceback.format_exc()
@@ -1015,7 +1097,10 @@ def run_jobs(
         elif not job.skip and left < 30:
             ctx.notes.append(f"{job.name}: not run, the budget (--budget-s {args.budget_s:g}) was spent")
             outcomes[job.name] = Outcome("FAILED", log_tail="not run: budget spent")
+        elif not job.skip and job.model and (model_error := _build_job_model(ctx, job)):
+            outcomes[job.name] = Outcome("FAILED", log_tail=f"model build failed:\n{model_error}")
         else:
+            left = args.budget_s - (time.perf_counter() - started)
             timeout = min(job.timeout_s * args.timeout_scale, left)
             print(f"device_check: {job.name} (timeout {timeout:.0f} s) ...", flush=True)
             outcomes[job.name] = run_job(ctx, job, timeout)

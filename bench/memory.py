@@ -1,6 +1,6 @@
 """Memory benchmark: peak resident memory of the whole training process, and step time, per configuration.
 
-    python bench/memory.py [--model builtin:sd15-random] [--resolution 256] [--steps 3] [--only TEXT]
+    python bench/memory.py [--model builtin:sd15-random] [--resolution 256] [--steps 3] [--only TEXT] [--phases]
 
 Each configuration is a real ``train.py fit`` in a fresh process: the real SD 1.5 architecture with random weights
 (``builtin:sd15-random``, built by the project on first use, no download), fp32 on the CPU (``precision 32-true``),
@@ -8,6 +8,9 @@ one instance and one class image per step, with its own latent / text-embedding 
 peak is the child's maximum resident set size (``os.wait4`` -> ``ru_maxrss``): everything the process held at its
 worst moment, the Python libraries included. Checkpointing and the export at the end are off (they are not
 training). Step time is the median over the steps after the first.
+
+``--phases`` adds, under each row, the resident memory at the phases of the fit (caches built, model loaded, the first
+two steps' forward and backward): whether the peak is set while loading or inside a step.
 
 Targets: LoRA <= 4.4 GB in fp32 and <= 3.0 GB with frozen weights in bf16 (``bf16-mixed``); full UNet fine-tuning
 with 8-bit AdamW and gradient checkpointing <= 7.5 GB.
@@ -26,8 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULT_PREFIX, ROOT, bench_config, machine, make_data  # noqa: E402
+from bench.common import PHASE_PREFIX, RESULT_PREFIX, ROOT, bench_config, machine, make_data  # noqa: E402
 
+DEFAULT_MODEL = "builtin:sd15-random"
 LORA = ["--model.use_lora=true", "--model.gradient_checkpointing=true", "--model.trim_cpu_memory=true"]
 FULL = [
     "--model.use_lora=false", "--model.optimizer=adamw8bit", "--model.gradient_checkpointing=true",
@@ -78,6 +82,7 @@ def run(name: str, overrides: list[str], data: tuple[Path, Path], args, workdir:
         "--trainer.num_sanity_val_steps=0", "--trainer.limit_val_batches=0", "--metrics.enabled=false",
         "--trainer.default_root_dir", str(workdir / "runs"), "--trainer.logger.init_args.save_dir", str(workdir / "runs"),
         "--export.enabled=false",
+        *(["--trainer.callbacks+=bench.common.MemoryPhases"] if args.phases else []),
         *overrides,
     ]  # fmt: skip
     log = workdir / "child.log"
@@ -89,24 +94,29 @@ def run(name: str, overrides: list[str], data: tuple[Path, Path], args, workdir:
     lines = [ln for ln in text.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         return {"error": f"exit {proc.returncode}: {text[-1500:]}"}
-    return {"peak_bytes": usage.ru_maxrss * 1024, **json.loads(lines[-1][len(RESULT_PREFIX) :])}
+    phases = [json.loads(ln[len(PHASE_PREFIX) :]) for ln in text.splitlines() if ln.startswith(PHASE_PREFIX)]
+    return {"peak_bytes": usage.ru_maxrss * 1024, "phases": phases, **json.loads(lines[-1][len(RESULT_PREFIX) :])}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin:sd15-random")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="e.g. builtin:sdxl-random (the targets are SD 1.5's)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     parser.add_argument("--only", help="run only the configurations whose name contains this")
     parser.add_argument("--accelerator", default="cpu", help="cpu, or gpu: then the table adds the peak GPU memory")
     parser.add_argument("--precision", default="32-true", help="e.g. 16-mixed or bf16-mixed on a GPU")
+    parser.add_argument("--phases", action="store_true",
+                        help="also print each run's resident memory at the phases of its fit (caches built, model "
+                             "loaded, each of the first two steps' forward and backward): where the peak is set")  # fmt: skip
     args = parser.parse_args()
     gpu = args.accelerator != "cpu"
     from lightning_modules.builtin_models import resolve_pretrained
 
     resolve_pretrained(args.model)  # build it once (minutes, ~4 GB for sd15-random) before timing anything
     configs = {k: v for k, v in CONFIGS.items() if not args.only or args.only in k}
-    where = f"{args.precision} on {args.accelerator}"
+    where = f"{args.precision} on {args.accelerator} (unless a row sets trainer.precision)"
+    targets = args.model == DEFAULT_MODEL and args.resolution == 256 and not gpu  # the targets are SD 1.5's at 256 px
     print(f"# bench/memory.py: {args.model} at {args.resolution} px, {where}, 1 instance + 1 class image/step")
     print(f"# {machine()}, {time.strftime('%Y-%m-%d')}; GB = 10^9 bytes, GiB = 2^30 bytes")
     gpu_cols = " GPU peak allocated (GB) | GPU peak reserved (GB) |" if gpu else ""
@@ -121,9 +131,13 @@ def main() -> None:
                 print(f"| {name} | failed | | | {r['error'][-300:]!r} |", flush=True)
                 continue
             gb, gib = r["peak_bytes"] / 1e9, r["peak_bytes"] / 2**30
-            verdict = "" if target is None or gpu else f"<= {target} GB: {'met' if gb <= target else 'MISSED'}"
+            verdict = "" if target is None or not targets else f"<= {target} GB: {'met' if gb <= target else 'MISSED'}"
             cells = f" {r['cuda_peak_allocated'] / 1e9:.2f} | {r['cuda_peak_reserved'] / 1e9:.2f} |" if gpu else ""
             print(f"| {name} | {gb:.2f} | {gib:.2f} |{cells} {r['step_s']:.2f} | {verdict} |", flush=True)
+            for phase in r["phases"]:  # (--phases) GB = 10^9 bytes
+                print(f"|   {phase['phase']}: peak so far {phase.get('VmHWM', 0) / 1e9:.2f}, anonymous "
+                      f"{phase.get('RssAnon', 0) / 1e9:.2f}, file-backed {phase.get('RssFile', 0) / 1e9:.2f} | | |"
+                      + (" | |" if gpu else "") + " | |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

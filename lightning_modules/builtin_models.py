@@ -335,6 +335,7 @@ def build_builtin(name: str, out_dir: str | Path) -> None:
     restored afterwards, so the caller's random state is left alone.
     """
     import diffusers
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -351,23 +352,35 @@ def build_builtin(name: str, out_dir: str | Path) -> None:
     for part in ("tokenizer", "tokenizer_2")[: 1 + sdxl]:
         write_clip_tokenizer(out_dir / part, **cfg.get(part, {}))
         tokenizers[part] = CLIPTokenizer.from_pretrained(out_dir / part)
-    with cpu_seeded(SEED):
-        unet = UNet2DConditionModel(**cfg["unet"])
-    with cpu_seeded(SEED + 1):
-        vae = AutoencoderKL(**cfg["vae"])
-    with cpu_seeded(SEED + 2):
-        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-    if _lookup(name).pretrained:
-        from lightning_modules.toy_models import load_weights
 
-        for module, part in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
+    def make(part: str) -> torch.nn.Module:
+        if part == "unet":
+            return UNet2DConditionModel(**cfg["unet"])
+        if part == "vae":
+            return AutoencoderKL(**cfg["vae"])
+        if part == "text_encoder":
+            return CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])).eval()
+        return CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])).eval()
+
+    # Each part is made (its own seed), written and dropped before the next, as the pipeline's save_pretrained would
+    # write it: the build holds one part at a time (sdxl-random: the 10.3 GB UNet, not all 14 GB).
+    for offset, part in enumerate(("unet", "vae", "text_encoder", "text_encoder_2")[: 3 + sdxl]):
+        with cpu_seeded(SEED + offset):
+            module = make(part)
+        if _lookup(name).pretrained:
+            from lightning_modules.toy_models import load_weights
+
             load_weights(module, part)
-    parts = {"vae": vae, "text_encoder": text_encoder.eval(), "unet": unet, **tokenizers}
+        module.save_pretrained(out_dir / part)  # safetensors, as the pipeline writes them
+        del module
+    with torch.device("meta"):  # stand-ins that name each part's class in model_index.json, holding no weights
+        parts = {part: make(part) for part in ("unet", "vae", "text_encoder", "text_encoder_2")[: 3 + sdxl]}
     if sdxl:
-        with cpu_seeded(SEED + 3):
-            parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])).eval()
         pipe = diffusers.StableDiffusionXLPipeline(
-            scheduler=diffusers.EulerDiscreteScheduler.from_config(cfg["scheduler"]), add_watermarker=False, **parts
+            scheduler=diffusers.EulerDiscreteScheduler.from_config(cfg["scheduler"]),
+            add_watermarker=False,
+            **parts,
+            **tokenizers,
         )
     else:
         pipe = diffusers.StableDiffusionPipeline(
@@ -376,8 +389,12 @@ def build_builtin(name: str, out_dir: str | Path) -> None:
             feature_extractor=None,
             requires_safety_checker=False,
             **parts,
+            **tokenizers,
         )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    pipe.scheduler.save_pretrained(out_dir / "scheduler")
+    for part, tokenizer in tokenizers.items():
+        tokenizer.save_pretrained(out_dir / part)
+    pipe.save_config(out_dir)  # model_index.json, last: it marks the folder complete
     # transformers may save the tokenizer in its own layout; keep the SD 1.x one (vocab.json + merges.txt),
     # which every transformers version reads.
     for part in tokenizers:
