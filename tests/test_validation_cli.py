@@ -140,7 +140,7 @@ def test_grids_show_the_subject_beside_readable_captioned_renders_and_the_progre
     grid = np.asarray(Image.open(folder / "step_000002.png"))
     layout = read_layout(folder / "step_000002.png")
     assert layout["title"][0].startswith("step 2   val/dino ")
-    assert layout["title"][1].startswith("dpm++, 8 steps, CFG 5 | 64x64 px | LoRA scale UNet 1, text encoder 1")
+    assert layout["title"][1].startswith("dpm++, 3 steps, CFG 5 | 64x64 px | LoRA scale UNet 1, text encoder 1")
     # The reference row: the subject's photos as trained (64 px, center crop), enlarged x 4, labelled.
     reference, *renders = layout["rows"]
     photos = sorted(toy_subject_dir.glob("*.png"))
