@@ -12,7 +12,8 @@ Ways (the peak is the process's ``VmHWM``, imports included; the import-only row
   for comparison.
 
 Whether a float32 load makes a transient copy shows as the float32 row's anonymous (non-file) memory staying at the
-import floor: the weights are file pages, not a copy.
+import floor: the weights are file pages, not a copy. ``--jobs N`` runs up to N of the ways' processes at once (each
+peak is its own process's; the default, 1, keeps the machine's memory to one load at a time).
 
     python bench/load_memory.py --ranks 2 [--model builtin:sd15-random]
 
@@ -31,6 +32,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:sd15-random")
     parser.add_argument("--ranks", type=int, default=0, help="measure N processes loading at once (see above)")
+    parser.add_argument("--jobs", type=int, default=1, help="ways measured at once, each in its own process")
     args = parser.parse_args()
     from lightning_modules.builtin_models import resolve_pretrained
 
@@ -78,13 +81,17 @@ def main() -> None:
     print(f"# {machine()}, {time.strftime('%Y-%m-%d')}; GB = 10^9 bytes")
     print("| way | peak RSS (GB) | RSS after (GB) | anonymous after (GB) | file pages after (GB) |")
     print("|---|---:|---:|---:|---:|")
-    for name, way in WAYS.items():
+
+    def measure(way: str) -> dict:
         out = subprocess.run(
             [sys.executable, "-c", CHILD, way, args.model], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout
-        r = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
-        cells = " | ".join(f"{r[k] / 1e9:.2f}" for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile"))
-        print(f"| {name} | {cells} |", flush=True)
+        return json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for name, r in zip(WAYS, pool.map(measure, WAYS.values()), strict=True):  # in order, each as it finishes
+            cells = " | ".join(f"{r[k] / 1e9:.2f}" for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile"))
+            print(f"| {name} | {cells} |", flush=True)
 
 
 RANK_CHILD = """

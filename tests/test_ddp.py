@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,8 +26,10 @@ def _val_rows(metrics_csv: Path) -> dict[int, dict]:
 def test_two_process_ddp_fit(run_args, tmp_path):
     args = run_args(steps=2)
     args[args.index("--data.class_data_dir") + 1] = str(tmp_path / "ddp_class")  # an empty folder: generated here
-    cmd = [sys.executable, "train.py", *args, "--trainer.strategy=ddp", "--trainer.devices=2"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    ddp = ["--data.class_images_inference_steps=2", "--trainer.strategy=ddp", "--trainer.devices=2"]
+    result = subprocess.run(
+        [sys.executable, "train.py", *args, *ddp], cwd=ROOT, capture_output=True, text=True, timeout=420
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
     # Class images: generated once in total, none missing, none twice.
@@ -65,11 +66,29 @@ def test_two_process_ddp_fit(run_args, tmp_path):
         assert abs(float(ddp_rows[0][name]) - float(single_rows[0][name])) < 1e-4, name
 
 
-def test_fewer_prompts_than_ranks_fit_and_predict(run_args, toy_subject_dir, tmp_path):
-    """Two ranks, one prompt: ``--data.validation_prompts '[]'`` leaves the PRES prompt alone, and ``predict`` gets one
-    prompt. Rank 1 runs its (padding) step like rank 0 and takes part in every gather; the prompt is rendered once.
-    (Before, rank 1's empty loader stopped the run: "DataLoader within local rank has zero length".)"""
-    args = run_args(steps=1) + ["--data.validation_prompts", "[]"]
+def test_fewer_prompts_than_ranks_then_resumed_on_another_number_of_processes(tmp_path, class_images_dir, monkeypatch):
+    """One 2-process fit (a costly launch) checked for two things.
+
+    Fewer prompts than ranks: ``--data.validation_prompts '[]'`` leaves the PRES prompt alone for two ranks. Rank 1
+    runs its (padding) step like rank 0 and takes part in every gather; the prompt is rendered once. (Before, rank 1's
+    empty loader stopped the run: "DataLoader within local rank has zero length".)
+
+    Resuming on another number of processes: the fit stops after its first step of a 3-step epoch and is resumed in 1
+    process: every photo of the interrupted epoch is trained on exactly once across the two runs (each photo's caption
+    names it)."""
+    from datamodules.toy_subject import draw_toy_subject
+
+    photos = tmp_path / "photos"
+    for k, path in enumerate(draw_toy_subject(photos, num_images=12, resolution=64, seed=0)):
+        path.with_suffix(".txt").write_text(f"a photo of {{identifier}} {{class_noun}} number {k}", encoding="utf-8")
+    record = tmp_path / "prompts.txt"
+    common = [
+        "--data.instance_data_dir", str(photos), "--data.random_flip=false", "--data.batch_size=2",
+        "--trainer.callbacks.init_args.every_n_train_steps=1", "--trainer.callbacks+=tests.helpers.RecordInstancePrompts",
+    ]  # fmt: skip
+    args = fit_args(tmp_path / "runs", photos, tmp_path / "class", *common, "--data.validation_prompts", "[]", steps=1)
+    shutil.copytree(class_images_dir, tmp_path / "class")
+    monkeypatch.setenv("RECORD_PROMPTS", str(record))  # read by RecordInstancePrompts, here and in the subprocesses
     cmd = [sys.executable, "train.py", *args, "--trainer.strategy=ddp", "--trainer.devices=2"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -77,7 +96,26 @@ def test_fewer_prompts_than_ranks_fit_and_predict(run_args, toy_subject_dir, tmp
     layout = read_layout(version / "grids" / "step_000000.png")
     assert [r["kind"] for r in layout["rows"]] == ["reference", "renders"]  # the PRES prompt, once
     assert "val/pres" in _val_rows(version / "metrics.csv")[0]
+    (last,) = (tmp_path / "runs").rglob("last.ckpt")
 
+    # 12 photos, 2 per rank per step: the epoch is 3 steps on 2 ranks, 6 on 1; 1 done, 4 of the 12 photos seen.
+    no_validation = ["--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"]
+    resumed = cli_main(
+        fit_args(tmp_path / "runs", photos, tmp_path / "class", *common, *no_validation, steps=5)
+        + ["--ckpt_path", str(last)]
+    )
+    assert resumed.trainer.global_step == 5
+
+    rows = [line.split(" ", 3) for line in record.read_text(encoding="utf-8").splitlines()]
+    first = [r for r in rows if r[1] == "0"]
+    assert sorted(r[2] for r in first) == ["0", "0", "1", "1"]  # step 0: both ranks, 2 photos each
+    epoch0 = [r[3] for r in rows if r[0] == "0"]
+    assert len(rows) == 4 + 4 * 2 and len(epoch0) == 12
+    assert sorted(epoch0) == sorted(f"a photo of sks ball number {k}" for k in range(12))
+
+
+def test_fewer_prompts_than_ranks_predict(toy_subject_dir, tmp_path):
+    """Two ranks, one prompt to ``predict``: the prompt is rendered once."""
     out = tmp_path / "predicted"
     cmd = [
         sys.executable, "train.py", "predict",
@@ -94,39 +132,3 @@ def test_fewer_prompts_than_ranks_fit_and_predict(run_args, toy_subject_dir, tmp
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stderr[-4000:]
     assert len(list(out.glob("0*.png"))) == 1
-
-
-def test_resumed_on_another_number_of_processes_sees_each_item_once(tmp_path, class_images_dir):
-    """A 2-process fit stopped after its first step of a 3-step epoch, resumed in 1 process: every photo of the
-    interrupted epoch is trained on exactly once across the two runs (each photo's caption names it)."""
-    from datamodules.toy_subject import draw_toy_subject
-
-    photos = tmp_path / "photos"
-    for k, path in enumerate(draw_toy_subject(photos, num_images=12, resolution=64, seed=0)):
-        path.with_suffix(".txt").write_text(f"a photo of {{identifier}} {{class_noun}} number {k}", encoding="utf-8")
-    record = tmp_path / "prompts.txt"
-    common = [
-        "--data.instance_data_dir", str(photos), "--data.random_flip=false", "--data.batch_size=2",
-        "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
-        "--trainer.callbacks.init_args.every_n_train_steps=1", "--trainer.callbacks+=tests.helpers.RecordInstancePrompts",
-    ]  # fmt: skip
-    args = fit_args(tmp_path / "runs", photos, tmp_path / "class", *common, steps=1)
-    shutil.copytree(class_images_dir, tmp_path / "class")
-    env = {**os.environ, "RECORD_PROMPTS": str(record)}
-    cmd = [sys.executable, "train.py", *args, "--trainer.strategy=ddp", "--trainer.devices=2"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
-    (last,) = (tmp_path / "runs").rglob("last.ckpt")
-
-    # 12 photos, 2 per rank per step: the epoch is 3 steps on 2 ranks, 6 on 1; 1 done, 4 of the 12 photos seen.
-    resumed = fit_args(tmp_path / "runs", photos, tmp_path / "class", *common, steps=5) + ["--ckpt_path", str(last)]
-    result = subprocess.run([sys.executable, "train.py", *resumed], cwd=ROOT, capture_output=True, text=True,
-                            timeout=420, env=env)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-
-    rows = [line.split(" ", 3) for line in record.read_text(encoding="utf-8").splitlines()]
-    first = [r for r in rows if r[1] == "0"]
-    assert sorted(r[2] for r in first) == ["0", "0", "1", "1"]  # step 0: both ranks, 2 photos each
-    epoch0 = [r[3] for r in rows if r[0] == "0"]
-    assert len(rows) == 4 + 4 * 2 and len(epoch0) == 12
-    assert sorted(epoch0) == sorted(f"a photo of sks ball number {k}" for k in range(12))
