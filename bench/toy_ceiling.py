@@ -1,9 +1,10 @@
 """What the toy world can show: the ceiling and the floor that every toy quality figure is read against.
 
-    python bench/toy_ceiling.py [--subjects 5] [--class-images 8] [--out bench/results/cpu_toy_ceiling.md]
+    python bench/toy_ceiling.py [--photos 5] [--class-images 8] [--subjects checker bee ...] [--out bench/results/cpu_toy_ceiling.md]
 
-For the demo subject (drawn by ``datamodules.toy_subject`` at the toy model's 32 px), scored with the toy encoders
-(``builtin:toy-dino``, ``builtin:toy-clip``) as validation scores renders, mean cosine similarity of:
+For each toy subject (``datamodules.toy_subject.TOY_SUBJECTS``: the demo's checkered ball and the toy DreamBench's
+others, drawn at the toy model's 32 px), scored with the toy encoders (``builtin:toy-dino``, ``builtin:toy-clip``) as
+validation scores renders, mean cosine similarity of:
 
 - real vs real: the subject's photos against each other (distinct pairs): the DreamBooth paper's "real images" row,
   the best a render can reach;
@@ -13,7 +14,8 @@ For the demo subject (drawn by ``datamodules.toy_subject`` at the toy model's 32
   (DPM-Solver++, the demo's steps and guidance), against the photos: what no learning at all gives.
 
 A fine-tuned model's toy DINO is then read as a fraction of the span between the last row and the first, and is
-bounded by the second. Nothing here trains; a run takes well under a minute on a 2-core CPU.
+bounded by the second; the "gap" column is the first row minus the second. Nothing here trains; a run takes about a
+minute on a 2-core CPU. ``DREAMBOOTH_TOY_WEIGHTS=<folder>`` measures another pretraining's weights.
 """
 
 from __future__ import annotations
@@ -70,55 +72,86 @@ def _stack(images) -> torch.Tensor:
                         for im in images])  # fmt: skip
 
 
-def measure(num_photos: int, num_class: int, resolution: int, steps: int, guidance: float, seed: int) -> list[dict]:
+def measure(
+    num_photos: int, num_class: int, resolution: int, steps: int, guidance: float, seed: int, subjects: list[str]
+) -> list[dict]:
+    """One row per (subject, what); the generic class images are made once and scored against each subject."""
     from datamodules.images import list_images, load_image
-    from datamodules.toy_subject import draw_toy_subject
+    from datamodules.toy_subject import TOY_SUBJECTS, draw_toy_subject
     from metrics.encoders import TOY_CLIP, TOY_DINO, load_clip, load_dino
 
     encoders = {"DINO": load_dino(TOY_DINO), "CLIP-I": load_clip(TOY_CLIP)}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        draw_toy_subject(tmp / "subject", num_images=num_photos, resolution=resolution, seed=seed)
-        photos = _stack([load_image(p) for p in list_images(tmp / "subject")])
-        sets = {
-            "real vs real": (photos, True),
-            "VAE reconstruction vs real": (vae_reconstructions(photos), False),
-            "generic class vs real": (
-                class_images(tmp / "class", "a ball", num_class, resolution, steps, guidance),
-                False,
-            ),
-        }
-        rows = []
-        for what, (images, distinct) in sets.items():
-            row = {"what": what, "images": len(images)}
-            for name, encoder in encoders.items():
-                row[name] = mean_similarity(encoder(images), encoder(photos), distinct)
-            rows.append(row)
+        generic = class_images(tmp / "class", "a ball", num_class, resolution, steps, guidance)
+        for subject in subjects:
+            folder = tmp / subject
+            draw_toy_subject(
+                folder, num_images=num_photos, resolution=resolution, seed=seed, look=TOY_SUBJECTS[subject]
+            )
+            photos = _stack([load_image(p) for p in list_images(folder)])
+            sets = {
+                "real vs real": (photos, True),
+                "VAE reconstruction vs real": (vae_reconstructions(photos), False),
+                "generic class vs real": (generic, False),
+            }
+            for what, (images, distinct) in sets.items():
+                row = {"subject": subject, "what": what, "images": len(images)}
+                for name, encoder in encoders.items():
+                    row[name] = mean_similarity(encoder(images), encoder(photos), distinct)
+                rows.append(row)
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def table(rows: list[dict]) -> list[str]:
+    """One line per subject: the three rows' toy DINO and CLIP-I, and the reconstruction's gap to the ceiling."""
+    lines = [
+        "| subject | DINO real vs real | DINO VAE recon. | DINO gap | DINO generic class "
+        "| CLIP-I real vs real | CLIP-I VAE recon. | CLIP-I generic class |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for subject in dict.fromkeys(r["subject"] for r in rows):
+        real, recon, generic = (next(r for r in rows if r["subject"] == subject and r["what"] == w) for w in WHAT)
+        lines.append(
+            f"| {subject} | {real['DINO']:.3f} | {recon['DINO']:.3f} | {real['DINO'] - recon['DINO']:+.3f} "
+            f"| {generic['DINO']:.3f} | {real['CLIP-I']:.3f} | {recon['CLIP-I']:.3f} | {generic['CLIP-I']:.3f} |"
+        )
+    return lines
+
+
+WHAT = ("real vs real", "VAE reconstruction vs real", "generic class vs real")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from datamodules.toy_subject import TOY_SUBJECTS
+    from lightning_modules.toy_models import weights_folder
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subjects", type=int, default=5, help="photos of the demo subject (the demo draws 5)")
+    parser.add_argument("--photos", type=int, default=5, help="photos of each subject (the demo draws 5)")
     parser.add_argument("--class-images", type=int, default=8, help="generic class images (the demo makes 8)")
+    parser.add_argument("--subjects", nargs="+", choices=list(TOY_SUBJECTS), default=list(TOY_SUBJECTS))
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="class images' inference steps (the demo's)")
     parser.add_argument("--guidance", type=float, default=7.5, help="class images' guidance (the data module's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subject's drawing (the demo's: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subjects' drawing (the demo's: 0)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     start = time.perf_counter()
-    rows = measure(args.subjects, args.class_images, args.resolution, args.steps, args.guidance, args.seed)
+    rows = measure(args.photos, args.class_images, args.resolution, args.steps, args.guidance, args.seed, args.subjects)
+    folder = weights_folder()
     lines = [
-        f"# bench/toy_ceiling.py: the demo subject at {args.resolution} px, builtin:toy-dino / builtin:toy-clip",
+        f"# bench/toy_ceiling.py: the toy subjects at {args.resolution} px, toy DINO / CLIP-I of {folder.name}",
         "",
         f"{machine()}, {time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s. Command: "
         f"`{' '.join(['python bench/toy_ceiling.py', *(argv if argv is not None else sys.argv[1:])])}`",
         "",
-        "| what (against the subject's photos) | images | toy DINO | toy CLIP-I |",
-        "|---|---:|---:|---:|",
-        *(f"| {r['what']} | {r['images']} | {r['DINO']:.3f} | {r['CLIP-I']:.3f} |" for r in rows),
+        f"Against each subject's {args.photos} photos: the photos among themselves (real vs real, the ceiling), the "
+        f"toy VAE's reconstructions of them (the most a model in its latents can show; gap = ceiling minus this) and "
+        f'{args.class_images} generic "a ball" images of the base model (the floor).',
+        "",
+        *table(rows),
     ]
     text = "\n".join(lines) + "\n"
     print(text, end="")
@@ -126,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         from lightning_modules.safe_files import atomic_write_text
 
         atomic_write_text(args.out, text)
+    return rows
 
 
 if __name__ == "__main__":

@@ -34,20 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, toy_bench_parser, toy_fit, write_report  # noqa: E402
-from datamodules.toy_subject import DEMO_LOOK, ToyLook  # noqa: E402
+from datamodules.toy_subject import TOY_SUBJECTS  # noqa: E402
 
-SUBJECTS = {
-    "checker": DEMO_LOOK,
-    "bee": ToyLook(colours=((255, 200, 0), (30, 30, 30)), pattern="stripes", emblem="none"),
-    "berry": ToyLook(
-        colours=((130, 40, 170), (130, 40, 170)),
-        pattern="plain",
-        emblem="dot",
-        emblem_colour=(250, 250, 250),
-        emblem_edge=(60, 20, 80),
-    ),  # fmt: skip
-    "candy": ToyLook(colours=((215, 30, 40), (250, 250, 250)), emblem_colour=(30, 60, 220), emblem_edge=(10, 20, 90)),
-}
+SUBJECTS = TOY_SUBJECTS  # drawn like the demo subject (datamodules.toy_subject)
 FAST = ("--model.learning_rate=4e-3", "--model.text_encoder_lr=2e-3")  # 4x the demo's rates
 ROWS = {
     "lora": (),

@@ -54,6 +54,19 @@ class ToyLook:
 
 
 DEMO_LOOK = ToyLook()
+# The toy subjects: the demo's ball and the others of bench/toy_dreambench.py and bench/toy_ceiling.py.
+TOY_SUBJECTS = {
+    "checker": DEMO_LOOK,
+    "bee": ToyLook(colours=((255, 200, 0), (30, 30, 30)), pattern="stripes", emblem="none"),
+    "berry": ToyLook(
+        colours=((130, 40, 170), (130, 40, 170)),
+        pattern="plain",
+        emblem="dot",
+        emblem_colour=(250, 250, 250),
+        emblem_edge=(60, 20, 80),
+    ),  # fmt: skip
+    "candy": ToyLook(colours=((215, 30, 40), (250, 250, 250)), emblem_colour=(30, 60, 220), emblem_edge=(10, 20, 90)),
+}
 
 
 def _star(cx: float, cy: float, outer: float, inner: float, turn: float) -> list[tuple[float, float]]:

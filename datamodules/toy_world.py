@@ -5,8 +5,12 @@ left, in the middle or on the right, in front of a wall (plain or striped, in a 
 caption names what it shows, with some attributes left out at random, so that short prompts ("a red ball", "a
 ball") are in the world too. Deterministic: item ``i`` of seed ``s`` is the same image and caption everywhere.
 
-No caption describes a pattern on an object, and no object is teal or orange: the demo's subject (a teal-and-orange
-checkered ball, :mod:`datamodules.toy_subject`) is a look the pretrained model has never been shown.
+Objects may carry a pattern in a second colour of the world (checks, stripes or dots, ``pattern_prob`` of them), as
+real objects do; no caption names a pattern, and no object of the world is teal or orange: the demo's subject (a
+teal-and-orange checkered ball with a yellow star, :mod:`datamodules.toy_subject`) is a look the pretrained model has
+never been shown, made of things it can draw. ``free_colours`` draws images for the VAE alone: any RGB colours, any
+pattern, sometimes an emblem (a star or a dot), so that the autoencoder, like SD's, reconstructs looks the captioned
+world does not have.
 
     python -m datamodules.toy_world --out toy_world_samples --num-images 16 --resolution 32
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +48,8 @@ WALLS = {
     "beige": (225, 205, 170),
 }
 WALL_PATTERNS = ("plain", "striped")
+PATTERNS = ("checker", "stripes", "dots")  # an object's pattern: never captioned
+EMBLEMS = ("star", "dot")  # free-colour (VAE) images only
 FLOORS = [(150, 120, 95), (110, 110, 120), (170, 160, 140), (95, 125, 95), (120, 100, 80)]
 SUPERSAMPLE = 4  # drawn at 4x and downsampled, for smooth edges
 
@@ -62,6 +68,12 @@ class Scene:
     horizon: float  # fraction of the image height
     jitter: tuple[float, float, float]  # size within its range, x and y offsets, each in [0, 1)
     keep: tuple[bool, bool, bool]  # whether the caption names the size, the position, the wall
+    pattern: str = "plain"  # plain or one of PATTERNS, in ``second`` over the object's colour; never captioned
+    second: tuple[int, int, int] | None = None
+    phase: tuple[float, float] = (0.0, 0.0)  # the pattern's offset, in cells
+    rgb: tuple[int, int, int] | None = None  # free-colour images: the object's colour instead of COLOURS[colour]
+    emblem: str = "none"  # free-colour images: none or one of EMBLEMS, in ``emblem_rgb``
+    emblem_rgb: tuple[int, int, int] = (0, 0, 0)
 
     def caption(self) -> str:
         size = f"{self.size} " if self.keep[0] else ""
@@ -73,8 +85,11 @@ class Scene:
         return text
 
 
-def sample_scene(rng: random.Random) -> Scene:
-    return Scene(
+def sample_scene(rng: random.Random, pattern_prob: float = 0.0, free_colours: bool = False) -> Scene:
+    """One scene. The draws of the captioned attributes come first and are the same whatever ``pattern_prob`` and
+    ``free_colours`` are (so ``pattern_prob=0`` is the first world, item for item); the pattern's and the free
+    colours' draws follow."""
+    scene = Scene(
         cls=rng.choice(CLASSES),
         colour=rng.choice(list(COLOURS)),
         size=rng.choice(list(SIZES)),
@@ -86,6 +101,24 @@ def sample_scene(rng: random.Random) -> Scene:
         jitter=(rng.random(), rng.random(), rng.random()),
         keep=(rng.random() < 0.6, rng.random() < 0.6, rng.random() < 0.6),
     )
+    if free_colours:
+
+        def any_colour() -> tuple[int, int, int]:
+            return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+
+        return replace(
+            scene,
+            pattern=rng.choice(("plain", *PATTERNS)),
+            second=any_colour(),
+            phase=(rng.random(), rng.random()),
+            rgb=any_colour(),
+            emblem=rng.choice(("none", *EMBLEMS)),
+            emblem_rgb=any_colour(),
+        )
+    if pattern_prob > 0 and rng.random() < pattern_prob:
+        second = rng.choice([c for c in COLOURS if c != scene.colour])
+        return replace(scene, pattern=rng.choice(PATTERNS), second=COLOURS[second], phase=(rng.random(), rng.random()))
+    return scene
 
 
 def _shade(colour: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
@@ -152,25 +185,79 @@ def draw_scene(scene: Scene, resolution: int) -> Image.Image:
     cy = min(horizon + s * 0.1 * scene.jitter[2], s - r * 1.05) - r * 0.3
     cy = max(cy, r * 1.1)
     draw.ellipse([cx - r, cy + r * 0.75, cx + r, cy + r * 1.05], fill=_shade(scene.floor, 0.7))  # shadow
-    _draw_object(draw, scene.cls, cx, cy, r, COLOURS[scene.colour])
+    _draw_object(draw, scene.cls, cx, cy, r, scene.rgb or COLOURS[scene.colour])
+    if scene.pattern != "plain":
+        _draw_pattern(img, scene, cx, cy, r)
+    if scene.emblem != "none":
+        _draw_emblem(draw, scene, cx, cy, r)
     return img.resize((resolution, resolution), Image.Resampling.LANCZOS)
 
 
-def world_item(seed: int, index: int, resolution: int = 32) -> tuple[Image.Image, str, Scene]:
-    """Item ``index`` of the world of ``seed``: its image, caption and scene."""
-    scene = sample_scene(random.Random(seed * 1_000_003 + index))
+def _draw_pattern(img: Image.Image, scene: Scene, cx: float, cy: float, r: float) -> None:
+    """``scene.second`` in checks, stripes or dots of cell ``r / 2.2`` (the demo subject's), over the object only."""
+    s = img.width
+    shape = Image.new("RGB", (s, s), (0, 0, 0))
+    _draw_object(ImageDraw.Draw(shape), scene.cls, cx, cy, r, (255, 255, 255))
+    on_object = shape.convert("L").point(lambda v: 255 if v > 100 else 0)
+    cells = Image.new("L", (s, s), 0)
+    draw = ImageDraw.Draw(cells)
+    cell = r / 2.2
+    x0, y0 = cx - 1.3 * r - scene.phase[0] * cell, cy - 1.3 * r - scene.phase[1] * cell
+    n = int(2.6 * r / cell) + 3
+    for row in range(n):
+        for col in range(n):
+            x, y = x0 + col * cell, y0 + row * cell
+            if scene.pattern == "checker" and (row + col) % 2:
+                draw.rectangle([x, y, x + cell, y + cell], fill=255)
+            elif scene.pattern == "stripes" and row % 2:
+                draw.rectangle([x, y, x + cell, y + cell], fill=255)
+            elif scene.pattern == "dots" and (row + col) % 2 == 0:
+                draw.ellipse([x + cell * 0.2, y + cell * 0.2, x + cell * 0.8, y + cell * 0.8], fill=255)
+    mask = Image.new("L", (s, s), 0)
+    mask.paste(cells, (0, 0), on_object)
+    img.paste(Image.new("RGB", (s, s), scene.second), (0, 0), mask)
+
+
+def _draw_emblem(draw: ImageDraw.ImageDraw, scene: Scene, cx: float, cy: float, r: float) -> None:
+    edge = _shade(scene.emblem_rgb, 0.5)
+    if scene.emblem == "star":
+        draw.polygon(_star(cx, cy, r * 0.55, r * 0.23), fill=scene.emblem_rgb, outline=edge)
+    else:
+        draw.ellipse([cx - r * 0.32, cy - r * 0.32, cx + r * 0.32, cy + r * 0.32], fill=scene.emblem_rgb, outline=edge)
+
+
+def world_item(
+    seed: int, index: int, resolution: int = 32, pattern_prob: float = 0.0, free_colours: bool = False
+) -> tuple[Image.Image, str, Scene]:
+    """Item ``index`` of the world of ``seed``: its image, caption and scene (see :func:`sample_scene`)."""
+    scene = sample_scene(random.Random(seed * 1_000_003 + index), pattern_prob, free_colours)
     return draw_scene(scene, resolution), scene.caption(), scene
 
 
-def world_arrays(seed: int, count: int, resolution: int = 32) -> tuple[np.ndarray, list[str], list[Scene]]:
-    """``count`` items as a uint8 array (count, H, W, 3), their captions and scenes."""
-    images, captions, scenes = [], [], []
-    for i in range(count):
-        image, caption, scene = world_item(seed, i, resolution)
-        images.append(np.asarray(image))
-        captions.append(caption)
-        scenes.append(scene)
-    return np.stack(images), captions, scenes
+def _item_array(args: tuple) -> tuple[np.ndarray, str, Scene]:
+    image, caption, scene = world_item(*args)
+    return np.asarray(image), caption, scene
+
+
+def world_arrays(
+    seed: int,
+    count: int,
+    resolution: int = 32,
+    pattern_prob: float = 0.0,
+    free_colours: bool = False,
+    processes: int = 1,
+) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """``count`` items as a uint8 array (count, H, W, 3), their captions and scenes; drawn by ``processes``
+    processes (the same items whatever their number)."""
+    jobs = [(seed, i, resolution, pattern_prob, free_colours) for i in range(count)]
+    if processes > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            items = pool.map(_item_array, jobs, chunksize=256)
+    else:
+        items = [_item_array(job) for job in jobs]
+    return np.stack([a for a, _, _ in items]), [c for _, c, _ in items], [s for _, _, s in items]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,11 +266,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-images", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pattern-prob", type=float, default=0.5, help="objects with a pattern (the v2 world's 0.5)")
+    parser.add_argument("--free-colours", action="store_true", help="the VAE's images: any colours and emblems")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(args.num_images):
-        image, caption, _ = world_item(args.seed, i, args.resolution)
+        image, caption, _ = world_item(args.seed, i, args.resolution, args.pattern_prob, args.free_colours)
         save_image_atomic(image, args.out / f"{i:05d}.png")
         lines.append(f"{i:05d}.png\t{caption}")
     (args.out / "captions.tsv").write_text("\n".join(lines) + "\n")

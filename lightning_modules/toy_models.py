@@ -22,9 +22,30 @@ from lightning_modules.sd_configs import CLIP_TEXT_COMMON, SD1_SCHEDULER
 TOY_RESOLUTION = 32
 TOY_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "toy-world-v1"
 
+# What differs between the toy worlds' models (the rest is toy_sd_configs). A weights folder says its world in
+# recipe.json ("world"; absent: 1).
+#   1: cross-attention at the UNet's 4 x 4 level only (on a 2-core CPU, attention at 8 x 8 costs ~25 % per step),
+#      and a VAE trained on the captioned world alone.
+#   2: cross-attention at both levels, as SD has it where texture is drawn (its attention layers are what LoRA
+#      adapts), and a wider VAE, trained on patterns and colours beyond the captioned world (scripts/pretrain_toy.py).
+WORLDS: dict[int, dict[str, Any]] = {
+    1: {"unet_attention": (False, True), "vae_channels": (32, 64, 64)},
+    2: {"unet_attention": (True, True), "vae_channels": (48, 96, 96)},
+}
 
-def toy_sd_configs() -> dict[str, dict[str, Any]]:
-    """Component configs of the toy SD: 32 px images, 8 x 8 x 4 latents."""
+
+def world_of(folder: Path | None = None) -> int:
+    """The world a weights folder was pretrained for (its recipe.json's ``world``; 1 when absent)."""
+    recipe = (folder or weights_folder()) / "recipe.json"
+    return int(json.loads(recipe.read_text()).get("world", 1)) if recipe.is_file() else 1
+
+
+def toy_sd_configs(world: int | None = None) -> dict[str, dict[str, Any]]:
+    """Component configs of the toy SD of ``world`` (default: that of the weights in use): 32 px images, 8 x 8 x 4
+    latents."""
+    arch = WORLDS[world or world_of()]
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in arch["unet_attention"])
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(arch["unet_attention"]))
     return {
         "unet": {
             "sample_size": TOY_RESOLUTION // 4,
@@ -32,9 +53,8 @@ def toy_sd_configs() -> dict[str, dict[str, Any]]:
             "out_channels": 4,
             "block_out_channels": (64, 128),
             "layers_per_block": 1,
-            # Cross-attention on the 4 x 4 level only: on a 2-core CPU, attention at 8 x 8 doubles the step time.
-            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "down_block_types": down,
+            "up_block_types": up,
             "cross_attention_dim": 32,
             "attention_head_dim": 8,
             "norm_num_groups": 32,
@@ -44,7 +64,7 @@ def toy_sd_configs() -> dict[str, dict[str, Any]]:
             "out_channels": 3,
             "down_block_types": ("DownEncoderBlock2D",) * 3,
             "up_block_types": ("UpDecoderBlock2D",) * 3,
-            "block_out_channels": (32, 64, 64),
+            "block_out_channels": arch["vae_channels"],
             "layers_per_block": 1,
             "latent_channels": 4,
             "norm_num_groups": 16,
@@ -68,12 +88,12 @@ def _seeded(build, seed: int):
         return build()
 
 
-def build_toy_sd(seed: int = 0) -> dict[str, nn.Module]:
-    """Freshly initialised ``vae``, ``unet``, ``text_encoder`` and the training scheduler ``sched``."""
+def build_toy_sd(seed: int = 0, world: int | None = None) -> dict[str, nn.Module]:
+    """Freshly initialised ``vae``, ``unet``, ``text_encoder`` and the training scheduler ``sched`` of ``world``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = toy_sd_configs()
+    cfg = toy_sd_configs(world)
     return {
         "vae": _seeded(lambda: AutoencoderKL(**cfg["vae"]), seed),
         "unet": _seeded(lambda: UNet2DConditionModel(**cfg["unet"]), seed + 1),
@@ -139,7 +159,7 @@ def load_weights(module: nn.Module, name: str, folder: Path | None = None) -> nn
     if not path.is_file():
         raise FileNotFoundError(
             f"The toy world's weights {path} are missing: they come with the repository (git checkout), or are made "
-            "by `python -m scripts.pretrain_toy --out models/toy-world-v1`."
+            "by `python -m scripts.pretrain_toy --out models/toy-world-v2`."
         )
     state = {k: v.float() for k, v in load_file(path).items()}
     module.load_state_dict(state, strict=True)

@@ -1,12 +1,15 @@
 """Pretrain the toy world's models: a small Stable Diffusion (VAE, CLIP text encoder, UNet) and the metric encoders.
 
-    python -m scripts.pretrain_toy --out models/toy-world-v1 [--device cpu] [--scale 1.0]
+    python -m scripts.pretrain_toy --out <folder> [--device cuda] [--phases vae unet clip dino] [--set name=value ...]
 
-The world is :mod:`datamodules.toy_world` at 32 px. The models are the diffusers / transformers / open_clip classes
-of the real ones, sized by :mod:`lightning_modules.toy_models`. In order:
+The world is :mod:`datamodules.toy_world` at 32 px (world 2: objects with uncaptioned patterns, ``pattern_prob``).
+The models are the diffusers / transformers / open_clip classes of the real ones, sized by
+:mod:`lightning_modules.toy_models` (``WORLDS``). The phases, in order:
 
-1. ``vae``: an ``AutoencoderKL`` (32 px -> 8 x 8 x 4), L1 + MSE reconstruction with a small KL term; its latent
-   scaling factor is then measured as 1 / std of the latents, as SD's 0.18215 was.
+1. ``vae``: an ``AutoencoderKL`` (32 px -> 8 x 8 x 4), L1 + MSE reconstruction with a small KL term, on the world's
+   images and as many again ``vae_free_fraction`` free-colour ones (any colours, patterns and emblems: an
+   autoencoder for more than the captioned world, as SD's is); then, and in every ``unet`` phase, the latent scaling
+   factor is measured on it as 1 / std of the world's latents, as SD's 0.18215 was.
 2. ``unet`` + ``text_encoder``: epsilon-prediction on the SD 1.x noise schedule, trained together from scratch
    (the text encoder must learn the world's words; real SD took a pretrained CLIP), 10 % empty captions for
    classifier-free guidance.
@@ -14,9 +17,11 @@ of the real ones, sized by :mod:`lightning_modules.toy_models`. In order:
 4. ``toy_dino``: a ``ViTModel`` trained self-supervised (SimCLR: two crops / flips of one image attract, other
    images repel): the image-only DINO metric.
 
-Everything is seeded; ``recipe.json`` (every setting, the package versions, the device) and ``train_log.csv`` (loss
-and wall time) are written beside the weights, which are stored in float16 safetensors. ``--scale`` multiplies every
-step count (e.g. 0.02 for a smoke test).
+Everything is seeded, each phase from its own stream; ``recipe.json`` (every setting, the package versions, each
+phase's device and seconds, the commands) and ``train_log.csv`` (loss and wall time) are written beside the weights,
+which are stored in float16 safetensors, each phase's as soon as it ends. ``--phases`` runs some phases and reads the
+others' weights from ``--out`` (an earlier run there, whose settings for them must be the same): the phases may run
+at different times or on different machines. ``--scale`` multiplies every step count (e.g. 0.02 for a smoke test).
 """
 
 from __future__ import annotations
@@ -42,40 +47,48 @@ from lightning_modules.toy_models import (
     build_toy_clip,
     build_toy_dino,
     build_toy_sd,
+    load_weights,
     toy_tokenizer,
 )
 
 
 @dataclass
 class Recipe:
+    """The shipped weights' settings (models/toy-world-v2/recipe.json says on what machine they ran)."""
+
     seed: int = 0
-    num_images: int = 30_000
-    vae_steps: int = 1_200
-    vae_batch: int = 32
+    world: int = 2  # the models' sizes: lightning_modules.toy_models.WORLDS
+    num_images: int = 60_000
+    pattern_prob: float = 0.5  # world objects with an (uncaptioned) pattern in a second colour
+    vae_free_fraction: float = 0.5  # the VAE also sees this many free-colour images per world image
+    vae_steps: int = 5_000
+    vae_batch: int = 128
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 4_000
-    unet_batch: int = 64
+    unet_steps: int = 12_000
+    unet_batch: int = 256
     unet_lr: float = 6e-4
     text_encoder_lr: float = 3e-4
     caption_dropout: float = 0.1
-    clip_steps: int = 1_200
-    clip_batch: int = 128
+    clip_steps: int = 3_000
+    clip_batch: int = 256
     clip_lr: float = 1e-3
-    dino_steps: int = 1_000
-    dino_batch: int = 128
+    dino_steps: int = 3_000
+    dino_batch: int = 256
     dino_lr: float = 1e-3
     dino_temperature: float = 0.2
-    warmup_steps: int = 200
+    warmup_steps: int = 300
 
 
 class Log:
     """Loss lines to stdout and rows to train_log.csv."""
 
-    def __init__(self, path: Path) -> None:
-        self.file = open(path, "w", newline="")
+    def __init__(self, path: Path, append: bool = False) -> None:
+        new = not (append and path.is_file())
+        self.file = open(path, "w" if new else "a", newline="")
         self.writer = csv.writer(self.file)
-        self.writer.writerow(["phase", "step", "loss", "seconds"])
+        if new:
+            self.writer.writerow(["phase", "step", "loss", "seconds"])
         self.start = time.perf_counter()
 
     def every(self, phase: str, step: int, total: int, loss: torch.Tensor, interval: int = 200) -> None:
@@ -247,71 +260,149 @@ def half_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in module.state_dict().items()}
 
 
+PHASES = ("vae", "unet", "clip", "dino")
+
+
+def phase_of(field: str) -> str | None:
+    """The phase a recipe setting belongs to (``None``: the world's, shared by all)."""
+    if field in ("text_encoder_lr", "caption_dropout"):
+        return "unet"
+    prefix = field.split("_")[0]
+    return prefix if prefix in PHASES else None
+
+
+def apply_overrides(r: Recipe, pairs: list[str]) -> Recipe:
+    """``name=value`` settings of the recipe (e.g. ``unet_steps=500``), typed as the field is."""
+    fields = asdict(r)
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in fields or not value:
+            raise SystemExit(f"error: --set {pair!r}: expected name=value with a name of {sorted(fields)}")
+        setattr(r, name, type(fields[name])(value))
+    return r
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m scripts.pretrain_toy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the weights, recipe and log")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.02: a smoke test)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--processes", type=int, default=1, help="processes drawing the world (the same images)")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                        help="the phases to run (default all); the others' weights are read from --out, made there "
+                             "by an earlier run of the same recipe (e.g. --phases vae, then --phases unet clip dino)")  # fmt: skip
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="NAME=VALUE", help="recipe settings, e.g. unet_steps=500"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    r = Recipe()
+    r = apply_overrides(Recipe(), args.set)
     for name in ("vae_steps", "unet_steps", "clip_steps", "dino_steps", "warmup_steps"):
         setattr(r, name, max(2, int(getattr(r, name) * args.scale)))
     if args.scale < 1:
         r.num_images = max(256, int(r.num_images * args.scale))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    phases = [p for p in PHASES if p in args.phases]
+    resumed = phases != list(PHASES)
+    recipe_file = out / "recipe.json"
+    previous = json.loads(recipe_file.read_text()) if resumed and recipe_file.is_file() else {}
+    if "vae" not in phases and not previous:
+        raise SystemExit(f"error: --phases {' '.join(phases)} continues a pretraining, but {recipe_file} is missing: "
+                         "run --phases vae (and the others) there first.")  # fmt: skip
+    kept = [p for p in PHASES if p not in phases]  # their weights come from the earlier run: so must their settings
+    changed = [
+        k for k, v in asdict(r).items() if phase_of(k) in [None, *kept] and previous.get("recipe", {}).get(k, v) != v
+    ]
+    if changed:
+        raise SystemExit(f"error: {recipe_file} was made with other {', '.join(changed)}: the weights of "
+                         f"{', '.join(kept)} kept from it would not be what the recipe says.")  # fmt: skip
     device = torch.device(args.device)
     torch.manual_seed(r.seed)
-    g = torch.Generator().manual_seed(r.seed)
-    log = Log(out / "train_log.csv")
+    log = Log(out / "train_log.csv", append=resumed)
 
-    started = time.perf_counter()
-    arrays, captions, _ = world_arrays(r.seed, r.num_images, TOY_RESOLUTION)
+    def generator(phase: str) -> torch.Generator:  # one stream per phase: a phase does not depend on the others
+        return torch.Generator().manual_seed(r.seed * 100 + PHASES.index(phase))
+
+    arrays, captions, _ = world_arrays(
+        r.seed, r.num_images, TOY_RESOLUTION, pattern_prob=r.pattern_prob, processes=args.processes
+    )
     images01 = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255  # (N, 3, 32, 32) in [0, 1]
     pixels = images01 * 2 - 1
     log("world", 0, 0.0)
 
-    parts = build_toy_sd(seed=r.seed)
+    parts = build_toy_sd(seed=r.seed, world=r.world)
     vae, unet, text_encoder = (parts[k].to(device) for k in ("vae", "unet", "text_encoder"))
-    train_vae(vae, pixels, r, device, log, g)
-    latents = encode_all(vae, pixels, device)
-    scaling_factor = float(1.0 / latents[0].std())
-    vae.register_to_config(scaling_factor=scaling_factor)
-    save_file(half_state(vae), out / "vae.safetensors")  # each phase's weights as soon as it is done
-    parts["scaling_factor"] = scaling_factor
-    parts["tokenizer"] = toy_tokenizer()
-    train_unet(parts, latents, captions, r, device, log, g)
-    save_file(half_state(unet), out / "unet.safetensors")
-    save_file(half_state(text_encoder), out / "text_encoder.safetensors")
+    seconds = dict(previous.get("phase_seconds", {}))
+    devices = dict(previous.get("phase_devices", {}))
+    device_name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
 
-    clip = build_toy_clip(seed=r.seed).to(device)
-    train_clip(clip, images01, captions, r, device, log, g)
-    save_file(half_state(clip), out / "toy_clip.safetensors")
-    dino = build_toy_dino(seed=r.seed).to(device)
-    train_dino(dino, images01, r, device, log, g)
-    save_file(half_state(dino), out / "toy_dino.safetensors")
+    def done(phase: str, started: float) -> None:
+        seconds[phase] = round(time.perf_counter() - started, 1)
+        devices[phase] = device_name
 
-    weights = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "toy_clip": clip, "toy_dino": dino}
+    if "vae" in phases:
+        started = time.perf_counter()
+        free, _, _ = world_arrays(r.seed + 1, int(r.num_images * r.vae_free_fraction), TOY_RESOLUTION,
+                                  free_colours=True, processes=args.processes)  # fmt: skip
+        vae_pixels = torch.cat([pixels, torch.from_numpy(free).permute(0, 3, 1, 2).float() / 127.5 - 1])
+        train_vae(vae, vae_pixels, r, device, log, generator("vae"))
+        save_file(half_state(vae), out / "vae.safetensors")  # each phase's weights as soon as it is done
+        done("vae", started)
+    else:  # an earlier run's VAE
+        load_weights(vae, "vae", out)
+        vae.eval()
+    scaling_factor = previous.get("vae_scaling_factor")
+    if {"vae", "unet"} & set(phases) or scaling_factor is None:
+        # The latents' scale, measured as SD's 0.18215 was (1 / their std), on the VAE the UNet learns from.
+        latents = encode_all(vae, pixels, device)
+        scaling_factor = float(1.0 / latents[0].std())
+    if "unet" in phases:
+        started = time.perf_counter()
+        parts["scaling_factor"] = scaling_factor
+        parts["tokenizer"] = toy_tokenizer()
+        train_unet(parts, latents, captions, r, device, log, generator("unet"))
+        save_file(half_state(unet), out / "unet.safetensors")
+        save_file(half_state(text_encoder), out / "text_encoder.safetensors")
+        done("unet", started)
+    if "clip" in phases:
+        started = time.perf_counter()
+        clip = build_toy_clip(seed=r.seed).to(device)
+        train_clip(clip, images01, captions, r, device, log, generator("clip"))
+        save_file(half_state(clip), out / "toy_clip.safetensors")
+        done("clip", started)
+    if "dino" in phases:
+        started = time.perf_counter()
+        dino = build_toy_dino(seed=r.seed).to(device)
+        train_dino(dino, images01, r, device, log, generator("dino"))
+        save_file(half_state(dino), out / "toy_dino.safetensors")
+        done("dino", started)
+
     versions = {}
     for pkg in ("torch", "diffusers", "transformers", "open_clip"):
         versions[pkg] = getattr(__import__(pkg), "__version__", "?")
+    builders = {"unet": lambda: parts["unet"], "vae": lambda: parts["vae"], "text_encoder": lambda: parts["text_encoder"],
+                "toy_clip": build_toy_clip, "toy_dino": build_toy_dino}  # fmt: skip
+    commands = list(previous.get("commands", [])) if resumed else []
+    commands.append("python -m scripts.pretrain_toy " + " ".join(argv if argv is not None else sys.argv[1:]))
     recipe = {
-        "command": "python -m scripts.pretrain_toy " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commands": commands,
+        "world": r.world,
         "recipe": asdict(r),
         "scale": args.scale,
         "vae_scaling_factor": scaling_factor,
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "phase_devices": devices,
+        "phase_seconds": seconds,
         "cpu_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(sum(seconds.values()), 1),
         "versions": versions,
-        "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in weights.items()},
+        "parameters": {k: sum(p.numel() for p in build().parameters()) for k, build in builders.items()},
     }
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-    print(json.dumps({k: recipe[k] for k in ("device", "seconds", "parameters")}, indent=2))
+    print(json.dumps({k: recipe[k] for k in ("phase_devices", "phase_seconds", "parameters")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -13,14 +13,18 @@ def test_mean_similarity_leaves_out_self_pairs():
     assert abs(mean_similarity(a, a, distinct=False) - (2 + 2 * 2**-0.5) / 4) < 1e-6
 
 
-def test_reduced_run_writes_the_three_rows(tmp_path, capsys):
+def test_reduced_run_writes_each_subjects_three_rows(tmp_path):
     out = tmp_path / "ceiling.md"
-    main(["--subjects", "3", "--class-images", "2", "--steps", "2", "--out", str(out)])
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [r.split(" | ")[0] for r in rows] == [
-        "| real vs real",
-        "| VAE reconstruction vs real",
-        "| generic class vs real",
+    rows = main(
+        ["--photos", "3", "--class-images", "2", "--steps", "2", "--subjects", "checker", "bee", "--out", str(out)]
+    )
+    assert [(r["subject"], r["what"]) for r in rows] == [
+        (s, w)
+        for s in ("checker", "bee")
+        for w in ("real vs real", "VAE reconstruction vs real", "generic class vs real")
     ]
-    dino = [float(r.split(" | ")[2]) for r in rows]
-    assert dino[0] > dino[2]  # the subject's own photos are closer to each other than generic balls are
+    lines = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    assert [line.split(" | ")[0] for line in lines[1:]] == ["| checker", "| bee"]
+    for subject in ("checker", "bee"):
+        real, _, generic = (r["DINO"] for r in rows if r["subject"] == subject)
+        assert real > generic  # a subject's own photos are closer to each other than generic balls are
