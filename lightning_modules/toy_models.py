@@ -3,7 +3,8 @@
 ``scripts/pretrain_toy.py`` builds them with these functions and trains them on :mod:`datamodules.toy_world`; the
 trained weights live in the repository (``models/toy-world-v1/``, float16 safetensors with their recipe and log)
 and are reached as ``builtin:toy-sd`` (a diffusers folder, see :mod:`lightning_modules.builtin_models`),
-``builtin:toy-dino`` and ``builtin:toy-clip`` (see :mod:`metrics.encoders`).
+``builtin:toy-dino`` and ``builtin:toy-clip`` (:mod:`metrics.encoders`, which builds those two and loads their weights
+with :func:`load_weights`; nothing here imports the metrics).
 """
 
 from __future__ import annotations
@@ -93,34 +94,6 @@ def toy_tokenizer():
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer(Path(tmp))
         return CLIPTokenizer.from_pretrained(tmp)
-
-
-def build_toy_clip(seed: int = 0) -> nn.Module:
-    """An open_clip ``CLIP`` for 32 px images with the preprocessing the metric reads (bicubic, CLIP mean / std)."""
-    import open_clip
-
-    from metrics.clip_preprocess import attach_clip_preprocess
-
-    vision_cfg = {"image_size": TOY_RESOLUTION, "layers": 3, "width": 64, "patch_size": 8}
-    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}
-    return attach_clip_preprocess(
-        _seeded(lambda: open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg), seed + 3)
-    )
-
-
-def build_toy_dino(seed: int = 0) -> nn.Module:
-    """A small ``ViTModel`` for 32 px images (patch 4), read through its CLS token like DINO."""
-    from transformers import ViTConfig, ViTModel
-
-    config = ViTConfig(
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=128,
-        patch_size=4,
-        image_size=TOY_RESOLUTION,
-    )
-    return _seeded(lambda: ViTModel(config, add_pooling_layer=False), seed + 4)
 
 
 def weights_folder() -> Path:

@@ -37,13 +37,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from datamodules.toy_world import world_arrays
-from lightning_modules.toy_models import (
-    TOY_RESOLUTION,
-    build_toy_clip,
-    build_toy_dino,
-    build_toy_sd,
-    toy_tokenizer,
-)
+from lightning_modules.toy_models import TOY_RESOLUTION, build_toy_sd, toy_tokenizer
+from metrics.encoders import build_toy_clip, build_toy_dino
 
 
 @dataclass
