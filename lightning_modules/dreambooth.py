@@ -28,6 +28,8 @@ from lightning_modules.diffusion import (
 )
 from lightning_modules.ema import TrainedWeightsEMA, check_ema_decay
 from lightning_modules.errors import CheckpointMismatchError, ConfigError
+from lightning_modules.export import load_lora_file
+from lightning_modules.export_layout import resolve_lora_file
 from lightning_modules.fused_optim import OptimizerInBackward, fused_backward_conflicts
 from lightning_modules.heldout import HELDOUT_SEED, HeldOutInputs, heldout_inputs, heldout_loss
 from lightning_modules.lora import (
@@ -36,8 +38,6 @@ from lightning_modules.lora import (
     AdapterName,
     adapter_config,
     inject_lora,
-    load_lora_file,
-    resolve_lora_file,
 )
 from lightning_modules.loss_recipes import LossRecipe, draw_noisy_inputs, loss_row_weights
 from lightning_modules.memory import (

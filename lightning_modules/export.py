@@ -1,4 +1,5 @@
-"""Exports that other tools load, written atomically, Lightning-free, and loading them back.
+"""Exports that other tools load, written atomically, Lightning-free, and loading them back (an export folder, or a
+LoRA file into the live modules or a pipeline).
 
 - LoRA and DoRA: ``pytorch_lora_weights.safetensors`` in the layout the family pipeline's ``load_lora_weights`` reads
   (SDXL: ``unet``, ``text_encoder`` and ``text_encoder_2``), and ``pytorch_lora_weights_kohya.safetensors`` in the
@@ -29,21 +30,19 @@ from lightning_modules.export_layout import (
     LORA_WEIGHT_NAME,
     PIPELINE_DIRNAME,
     SINGLE_FILE_NAME,
+    lycoris_export_note,
+    resolve_lora_file,
 )
 from lightning_modules.families import family_of_pipeline
 from lightning_modules.ldm_config import is_v_prediction, write_ldm_config
 from lightning_modules.lora import (
     adapter_kind,
+    load_lora_weights,
     lora_metadata,
     lora_pipeline_class,
     lora_state_dict,
-    lycoris_export_note,
 )
-from lightning_modules.lora_formats import (
-    load_lora_into_pipeline,
-    save_kohya_lora,
-    with_text_model_prefix,
-)
+from lightning_modules.lora_formats import check_lora_file, save_kohya_lora, with_text_model_prefix
 from lightning_modules.new_tokens import EMBEDDINGS_NAME
 from lightning_modules.safe_files import atomic_directory
 from lightning_modules.sd_loading import load_pipeline
@@ -237,3 +236,36 @@ def _write_info(
     if new_tokens:
         info["new_tokens"] = new_tokens
     (folder / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_lora_file(
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    path: str | Path,
+    adapter_name: str = "default",
+    text_encoder_2: nn.Module | None = None,
+) -> None:
+    """Load a diffusers LoRA file (as :func:`lora_state_dict` exports it) into the UNet and, when the file has
+    text-encoder weights, the text encoder(s), as peft adapters named ``adapter_name``, in place and frozen.
+
+    The adapters take their rank, alpha and targets from the file's header; under the name ``default`` their weights
+    have the keys of adapters that :func:`inject_lora` makes, so a Lightning checkpoint of the same run loads on top.
+    """
+    load_lora_weights(unet, text_encoder, resolve_lora_file(path), adapter_name, text_encoder_2)
+    for model in (unet, text_encoder, text_encoder_2):
+        for name, param in model.named_parameters() if model is not None else []:
+            if "lora_" in name:
+                param.requires_grad_(False)
+                param.data = param.data.float()
+
+
+def load_lora_into_pipeline(
+    pipe: StableDiffusionPipeline, path: str | Path, adapter_name: str | None = None
+) -> StableDiffusionPipeline:
+    """Check a diffusers or kohya LoRA file (or a LoRA export folder) against ``pipe``, then load it as diffusers'
+    ``load_lora_weights`` reads it (through peft's API for the text encoder: see :func:`lora.load_lora_weights`)."""
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    path = resolve_lora_file(path, "LoRA file or export folder")
+    check_lora_file(path, pipe.unet, pipe.text_encoder, text_encoder_2)
+    load_lora_weights(pipe.unet, pipe.text_encoder, path, adapter_name, text_encoder_2)
+    return pipe

@@ -1,5 +1,5 @@
 """LoRA and its variants through peft, Lightning-free: inject, list trainable weights, get what diffusers saves, load
-it back.
+a LoRA file back (an export folder is read by :mod:`lightning_modules.export`; nothing here knows its layout).
 
 Adapters (``model.adapter``): ``lora`` (low-rank ``B A``), ``dora`` (LoRA with a trained magnitude per output row,
 peft's ``use_dora``), ``loha`` (LyCORIS' Hadamard product of two low-rank pairs, peft's LoHa) and ``lokr`` (LyCORIS'
@@ -8,7 +8,6 @@ Kronecker product, peft's LoKr).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -19,8 +18,7 @@ from peft.config import PeftConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 
-from lightning_modules.errors import ConfigError, InputFileError, InputNotFoundError
-from lightning_modules.export_layout import INFO_NAME, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, PIPELINE_DIRNAME
+from lightning_modules.errors import ConfigError, InputFileError
 
 UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -193,69 +191,3 @@ def lora_metadata(model: nn.Module) -> dict:
     if config.use_dora:  # diffusers builds the LoraConfig from this header: DoRA must say so (plain LoRA's unchanged)
         metadata["use_dora"] = True
     return metadata
-
-
-def resolve_lora_file(path: str | Path, option: str = "model.lora_weights") -> Path:
-    """An export folder (holding ``pytorch_lora_weights.safetensors``) or a LoRA ``.safetensors`` file -> the file.
-
-    Cheap (no loading), so it runs at config time. Raises FileNotFoundError naming ``option`` and the path.
-    """
-    path = Path(path).expanduser()
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise InputFileError(f"{option}: {str(path)!r} is not a .safetensors LoRA file.")
-        return path
-    if not path.is_dir():
-        raise InputNotFoundError(
-            f"{option}: {str(path)!r} does not exist. Give the export folder that fit wrote (<run dir>/export) or its "
-            f"{LORA_WEIGHT_NAME}."
-        )
-    if (path / LORA_WEIGHT_NAME).is_file():
-        return path / LORA_WEIGHT_NAME
-    if (path / PIPELINE_DIRNAME / "model_index.json").is_file():
-        raise InputNotFoundError(
-            f"{option}: {str(path)!r} holds a full fine-tune ({PIPELINE_DIRNAME}/), not LoRA weights: render it with "
-            f"--model.pretrained_model_name_or_path {path / PIPELINE_DIRNAME} instead."
-        )
-    adapter = _exported_adapter(path)
-    if adapter in ("loha", "lokr"):
-        raise InputFileError(f"{option}: {str(path)!r} {lycoris_export_note(adapter)}")
-    raise InputNotFoundError(f"{option}: the folder {str(path)!r} holds no {LORA_WEIGHT_NAME}.")
-
-
-def _exported_adapter(folder: Path) -> str | None:
-    """The adapter an export folder's info file names (written for dora, loha and lokr), else None."""
-    try:
-        return json.loads((folder / INFO_NAME).read_text()).get("adapter")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def lycoris_export_note(adapter: str) -> str:
-    """What a LoHa / LoKr export is for, and how to render the run here instead."""
-    return (
-        f"holds a {adapter} export ({KOHYA_WEIGHT_NAME}: LyCORIS key names for AUTOMATIC1111 and ComfyUI), which "
-        "diffusers does not load. Render or evaluate the run from its checkpoint instead: "
-        f"--ckpt_path <run dir>/checkpoints/last.ckpt --model.adapter {adapter} (with the run's other model settings)."
-    )
-
-
-def load_lora_file(
-    unet: nn.Module,
-    text_encoder: nn.Module,
-    path: str | Path,
-    adapter_name: str = "default",
-    text_encoder_2: nn.Module | None = None,
-) -> None:
-    """Load a diffusers LoRA file (as :func:`lora_state_dict` exports it) into the UNet and, when the file has
-    text-encoder weights, the text encoder(s), as peft adapters named ``adapter_name``, in place and frozen.
-
-    The adapters take their rank, alpha and targets from the file's header; under the name ``default`` their weights
-    have the keys of adapters that :func:`inject_lora` makes, so a Lightning checkpoint of the same run loads on top.
-    """
-    load_lora_weights(unet, text_encoder, resolve_lora_file(path), adapter_name, text_encoder_2)
-    for model in (unet, text_encoder, text_encoder_2):
-        for name, param in model.named_parameters() if model is not None else []:
-            if "lora_" in name:
-                param.requires_grad_(False)
-                param.data = param.data.float()

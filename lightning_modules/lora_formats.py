@@ -1,4 +1,4 @@
-"""LoRA files other tools load, and loading LoRA files with a check first, Lightning-free.
+"""LoRA files other tools load, and the check of a LoRA file against a model before it loads, Lightning-free.
 
 - The kohya format (``lora_unet_*`` / ``lora_te_*`` modules with ``lora_down``, ``lora_up`` and ``alpha``) that
   AUTOMATIC1111 and ComfyUI load: diffusers' ``convert_state_dict_to_kohya`` renames the peft weights; here the
@@ -10,9 +10,9 @@
 - LyCORIS' names for LoHa (``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b``, ``alpha``) and LoKr
   (``lokr_w1`` or ``lokr_w1_a`` / ``lokr_w1_b``, ``lokr_w2`` or ``lokr_w2_a`` / ``lokr_w2_b``, ``alpha``) under the same
   module names, which AUTOMATIC1111 and ComfyUI load (diffusers does not).
-- :func:`load_lora_into_pipeline`: a diffusers or kohya LoRA file is checked against the pipeline's UNet and text
-  encoder (model family, layer names, layer shapes) before it is loaded as diffusers' ``load_lora_weights`` loads it,
-  so a LoRA made for another architecture fails with a message that names the file and the mismatch.
+- :func:`check_lora_file`: a diffusers or kohya LoRA file is checked against a UNet and text encoder (model family,
+  layer names, layer shapes) before it is loaded (:func:`lightning_modules.export.load_lora_into_pipeline`), so a LoRA
+  made for another architecture fails with a message that names the file and the mismatch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya, convert_state_dict_to_peft
 from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from peft.tuners.lokr import LoKrLayer
@@ -31,10 +30,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_modules.errors import InputFileError, InputNotFoundError
-from lightning_modules.export_layout import LORA_WEIGHT_NAME
+from lightning_modules.errors import InputFileError
 from lightning_modules.families import SD1, Family, family_of_configs
-from lightning_modules.lora import adapter_kind, load_lora_weights
+from lightning_modules.lora import adapter_kind
 from lightning_modules.sd_layout import _rename, unet_key_map
 
 ADAPTER = "default"
@@ -218,25 +216,6 @@ def save_kohya_lora(
 
 
 # ----------------------------------------------------------------------------------------------- loading, checked
-def resolve_lora_file(path: str | Path) -> Path:
-    """A LoRA ``.safetensors`` file, or the diffusers file of an export folder; clear errors otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise InputNotFoundError(f"LoRA file or export folder {str(path)!r} does not exist.")
-    if path.is_dir():
-        if not (path / LORA_WEIGHT_NAME).is_file():
-            raise InputNotFoundError(
-                f"{str(path)!r} holds no {LORA_WEIGHT_NAME}; give a LoRA .safetensors file or the export folder "
-                "of a LoRA run."
-            )
-        path = path / LORA_WEIGHT_NAME
-    if path.suffix.lower() != ".safetensors":
-        raise InputFileError(
-            f"{str(path)!r}: only .safetensors LoRA files are read (pickle-based files can execute code when loaded)."
-        )
-    return path
-
-
 def _peft_layout(path: Path, state_dict: dict[str, Tensor], unet: nn.Module) -> dict[str, dict[str, Tensor]]:
     """The file's weights as peft keys (``<module>.lora_A.weight``) per part, converted as diffusers converts them
     for the UNet's family."""
@@ -295,9 +274,10 @@ def _layer_mismatch(model: nn.Module, key: str, weight: Tensor) -> str | None:
 def check_lora_file(
     path: str | Path, unet: nn.Module, text_encoder: nn.Module, text_encoder_2: nn.Module | None = None
 ) -> Path:
-    """Check that a LoRA file fits ``unet`` / ``text_encoder`` (/ SDXL's ``text_encoder_2``); return the file.
-    Raises ``ValueError`` naming it."""
-    path = resolve_lora_file(path)
+    """Check that a LoRA ``.safetensors`` file fits ``unet`` / ``text_encoder`` (/ SDXL's ``text_encoder_2``); return
+    the file. Raises ``ValueError`` naming it. (An export folder: :func:`lightning_modules.export_layout.resolve_lora_file`
+    gives its file.)"""
+    path = Path(path)
     parts = _peft_layout(path, load_file(str(path)), unet)
     models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     for name in ("text_encoder", "text_encoder_2"):
@@ -317,14 +297,3 @@ def check_lora_file(
             f"({len(problems)} mismatches, e.g. {'; '.join(problems[:3])})."
         )
     return path
-
-
-def load_lora_into_pipeline(
-    pipe: StableDiffusionPipeline, path: str | Path, adapter_name: str | None = None
-) -> StableDiffusionPipeline:
-    """Check a diffusers or kohya LoRA file (or a LoRA export folder) against ``pipe``, then load it as diffusers'
-    ``load_lora_weights`` reads it (through peft's API for the text encoder: see :func:`lora.load_lora_weights`)."""
-    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
-    path = check_lora_file(path, pipe.unet, pipe.text_encoder, text_encoder_2)
-    load_lora_weights(pipe.unet, pipe.text_encoder, path, adapter_name, text_encoder_2)
-    return pipe

@@ -41,7 +41,8 @@ from callbacks.pictures import (
 from datamodules.images import check_image_folder, load_image
 from datamodules.prompts import PROMPT_SETS, fill, resolve_templates
 from lightning_modules.errors import report_user_errors
-from lightning_modules.lora import load_lora_file, resolve_lora_file
+from lightning_modules.export import load_lora_file
+from lightning_modules.export_layout import resolve_lora_file
 from lightning_modules.pipeline import SAMPLERS, build_pipeline
 from lightning_modules.sampling import SamplingSettings, render
 from lightning_modules.sd_loading import load_components

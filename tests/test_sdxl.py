@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from callbacks.run_dir import run_dir
 from datamodules.datasets import DreamBoothDataset, collate_dreambooth
 from lightning_modules.diffusion import TextConditioning, unet_conditioning
+from lightning_modules.export import load_lora_into_pipeline
 from lightning_modules.families import SD1, SD2, SDXL
-from lightning_modules.lora_formats import load_lora_into_pipeline
 from lightning_modules.pipeline import build_pipeline, make_sampler
 from lightning_modules.sampling import SamplingSettings, render
 from lightning_modules.sd_loading import check_model_path, load_pipeline

@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from lightning_modules.builtin_models import model_configs
-from lightning_modules.export import export_lora
+from lightning_modules.export import export_lora, load_lora_into_pipeline
 from lightning_modules.export_layout import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 from lightning_modules.lora import (
     TEXT_ENCODER_TARGET_MODULES,
@@ -20,11 +20,7 @@ from lightning_modules.lora import (
     lora_config,
     lora_state_dict,
 )
-from lightning_modules.lora_formats import (
-    kohya_lora_state_dict,
-    load_lora_into_pipeline,
-    save_kohya_lora,
-)
+from lightning_modules.lora_formats import kohya_lora_state_dict, save_kohya_lora
 from lightning_modules.pipeline import build_pipeline
 from lightning_modules.sd_loading import load_components, load_pipeline
 

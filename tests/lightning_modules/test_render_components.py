@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_modules.controlnet import TINY_CONTROLNET, check_controlnet_fits, load_controlnet
-from lightning_modules.lora import resolve_lora_file
+from lightning_modules.export_layout import resolve_lora_file
 from lightning_modules.sampling import SamplingSettings
 
 
