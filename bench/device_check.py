@@ -984,7 +984,7 @@ def run_jobs(
     ctx: Context, jobs: list[Job], args: argparse.Namespace, out: Path, started: float, argv: list[str] | None
 ) -> dict[str, Outcome]:
     """Build the model and the data, run the jobs in sequence within the budget, rewrite ``out`` after each."""
-    from lightning_modules.builtin_models import resolve_pretrained
+    from sd.models.builtin import resolve_pretrained
 
     build_start = time.perf_counter()
     build_error = None

@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="e.g. 16-mixed or bf16-mixed on a GPU")
     args = parser.parse_args()
     gpu = args.accelerator != "cpu"
-    from lightning_modules.builtin_models import resolve_pretrained
+    from sd.models.builtin import resolve_pretrained
 
     resolve_pretrained(args.model)  # build it once (minutes, ~4 GB for sd15-random) before timing anything
     configs = {k: v for k, v in CONFIGS.items() if not args.only or args.only in k}

@@ -45,7 +45,7 @@ def mean_similarity(a: torch.Tensor, b: torch.Tensor, distinct: bool) -> float:
 
 def vae_reconstructions(images: torch.Tensor, model: str = TOY_MODEL) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] through the model's VAE (the mean of the latent distribution) and back."""
-    from lightning_modules.sd_loading import load_parts
+    from sd.models.loading import load_parts
 
     vae = load_parts(model, ["vae"])["vae"].eval()
     with torch.no_grad():
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out is not None:
-        from lightning_modules.safe_files import atomic_write_text
+        from core.safe_files import atomic_write_text
 
         atomic_write_text(args.out, text)
 

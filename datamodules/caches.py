@@ -27,8 +27,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from core.safe_files import atomic_path
 from datamodules.images import load_image
-from lightning_modules.safe_files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class LatentTable(NamedTuple):
 
 def default_cache_dir() -> Path:
     """``$DREAMBOOTH_CACHE/data`` (default ``~/.cache/dreambooth_lightning/data``), beside the built-in models."""
-    from lightning_modules.builtin_models import cache_dir
+    from sd.models.builtin import cache_dir
 
     return cache_dir() / "data"
 
@@ -71,7 +71,7 @@ def part_fingerprint(
     model its config and the commit its files came from; a single-file checkpoint its size and modification time
     and the configs it is read with.
     """
-    from lightning_modules.sd_loading import check_model_path
+    from sd.models.loading import check_model_path
 
     path = check_model_path(pretrained_model_name_or_path)
     fp: dict[str, Any] = {"model": pretrained_model_name_or_path, "revision": revision, "variant": variant}
@@ -222,7 +222,7 @@ def latent_cache(
     if cached is not None:
         log.info("Latent cache hit: %d images from %s.", len(images), cache_dir)
         return LatentTable(cached["mean"], cached["std"])
-    from lightning_modules.sd_loading import load_parts
+    from sd.models.loading import load_parts
 
     log.info("Building the latent cache: encoding %d images%s once.", len(images), " (and flipped)" * random_flip)
     model = load_parts(pretrained_model_name_or_path, ["vae"], revision, variant, single_file_config, vae)["vae"]
@@ -236,14 +236,14 @@ def latent_cache(
 
 
 def _is_model_folder(vae: str) -> bool:
-    from lightning_modules.builtin_models import resolve_pretrained
+    from sd.models.builtin import resolve_pretrained
 
     return (Path(resolve_pretrained(vae)) / "vae").is_dir()
 
 
 def _vae_fingerprint(vae: str) -> dict:
     """What identifies a separate VAE (``model.vae``): a VAE folder's config and files, or a hub id's config."""
-    from lightning_modules.builtin_models import resolve_pretrained
+    from sd.models.builtin import resolve_pretrained
 
     folder = Path(resolve_pretrained(vae)).expanduser()
     fp: dict[str, Any] = {"vae": vae}
@@ -284,11 +284,11 @@ def text_embedding_tables(
     single_file_config: str | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
     """(prompt -> (77, D) context, prompt -> (P,) pooled embedding or None) of the frozen text encoder(s), as
-    :func:`lightning_modules.diffusion.encode_prompts` makes them for the model's family; from the cache or encoded
+    :func:`sd.training.diffusion.encode_prompts` makes them for the model's family; from the cache or encoded
     now and cached."""
-    from lightning_modules.diffusion import encode_prompts
-    from lightning_modules.families import SD1
-    from lightning_modules.sd_loading import check_model_path, detect_family
+    from sd.models.families import SD1
+    from sd.models.loading import check_model_path, detect_family
+    from sd.training.diffusion import encode_prompts
 
     family = detect_family(check_model_path(pretrained_model_name_or_path, revision), revision) or SD1
     prompts = sorted(set(prompts))
@@ -300,7 +300,7 @@ def text_embedding_tables(
     key = cache_key(description)
     cached = load_cache(cache_dir, "text", key)
     if cached is None:
-        from lightning_modules.sd_loading import load_parts
+        from sd.models.loading import load_parts
 
         log.info("Building the text-embedding cache: encoding %d prompts once.", len(prompts))
         loaded = load_parts(pretrained_model_name_or_path, [*family.tokenizers, *family.text_encoders], *model[1:])

@@ -2,7 +2,7 @@
 
 A mask is a grayscale image beside its photo, ``photo_mask.png`` for ``photo.jpg`` (white: the subject, trained on;
 black: ignored; grays weigh in between), or, with ``data.alpha_mask``, the photo's own alpha channel. The loss
-(:func:`lightning_modules.diffusion.dreambooth_loss`) averages each instance row's squared error weighted by its mask,
+(:func:`sd.training.diffusion.dreambooth_loss`) averages each instance row's squared error weighted by its mask,
 reduced to the latent grid there; class rows are never masked.
 """
 
@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from lightning_modules.errors import InputFileError
+from core.errors import InputFileError
 
 log = logging.getLogger(__name__)
 

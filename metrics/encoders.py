@@ -18,10 +18,10 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 
-from lightning_modules.errors import ConfigError
-from lightning_modules.rng_state import cpu_seeded
-from lightning_modules.toy_models import TOY_RESOLUTION, load_weights
+from core.errors import ConfigError
+from core.rng_state import cpu_seeded
 from metrics.clip_preprocess import attach_clip_preprocess
+from sd.models.toy import TOY_RESOLUTION, load_weights
 
 BUILTIN_PREFIX = "builtin:"
 TINY_DINO = "builtin:tiny-dino"
@@ -242,7 +242,7 @@ def _tiny_clip() -> nn.Module:
 
 
 # The toy world's encoders (builtin:toy-clip, builtin:toy-dino): built here, their weights pretrained by
-# scripts/pretrain_toy.py and loaded from models/toy-world-v1 (lightning_modules.toy_models.load_weights).
+# scripts/pretrain_toy.py and loaded from models/toy-world-v1 (sd.models.toy.load_weights).
 def build_toy_clip(seed: int = 0) -> nn.Module:
     """An open_clip ``CLIP`` for 32 px images with the preprocessing the metric reads (bicubic, CLIP mean / std)."""
     import open_clip

@@ -3,7 +3,7 @@
     python -m scripts.pretrain_toy --out models/toy-world-v1 [--device cpu] [--scale 1.0]
 
 The world is :mod:`datamodules.toy_world` at 32 px. The models are the diffusers / transformers / open_clip classes
-of the real ones, sized by :mod:`lightning_modules.toy_models`. In order:
+of the real ones, sized by :mod:`sd.models.toy`. In order:
 
 1. ``vae``: an ``AutoencoderKL`` (32 px -> 8 x 8 x 4), L1 + MSE reconstruction with a small KL term; its latent
    scaling factor is then measured as 1 / std of the latents, as SD's 0.18215 was.
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from datamodules.toy_world import world_arrays
-from lightning_modules.toy_models import TOY_RESOLUTION, build_toy_sd, toy_tokenizer
 from metrics.encoders import build_toy_clip, build_toy_dino
+from sd.models.toy import TOY_RESOLUTION, build_toy_sd, toy_tokenizer
 
 
 @dataclass

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 import datamodules.caches
 import datamodules.dreambooth
+from core.errors import InputFileError
 from datamodules.captions import vary_caption
-from lightning_modules.errors import InputFileError
 from tests.helpers import RecordPrompts
 from train import cli_main
 
