@@ -19,7 +19,8 @@ What it does, driven by the two tables below and nothing else:
 
 Idempotent: a second run finds nothing to move and nothing to rewrite. Modules that others add to
 ``lightning_modules/`` later and that are not in ``MODULES`` stay where they are; their imports of moved modules are
-rewritten like every other file's. This file itself is never rewritten (it holds the old names).
+rewritten like every other file's. This file (and ``scripts/restructure.py`` when a copy runs from elsewhere) is
+never rewritten: it holds the old names.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ PACKAGE_DOCS = {
 TEXT_SUFFIXES = {".py", ".pyi", ".md", ".rst", ".txt", ".yaml", ".yml", ".toml", ".cfg", ".ini"}
 TEXT_NAMES = {"Makefile"}
 OLD_PACKAGE = "lightning_modules"
+SELF = Path("scripts/restructure.py")  # never rewritten, wherever this copy runs from
 
 
 def module_path(dotted: str) -> Path:
@@ -112,7 +114,7 @@ def text_files(root: Path) -> list[Path]:
     out = []
     for name in sorted(set(filter(None, names))):
         path = root / name
-        if not path.is_file() or path.resolve() == me:
+        if not path.is_file() or path.resolve() == me or Path(name) == SELF:
             continue
         if path.suffix in TEXT_SUFFIXES or path.name in TEXT_NAMES:
             out.append(path)
