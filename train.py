@@ -21,10 +21,10 @@ from callbacks.render import RenderWriter
 from callbacks.run_dir import SaveRunConfig
 from callbacks.summary import FitSummary, print_fit_summary
 from callbacks.wandb_offline import start_wandb_or_go_offline
+from core.errors import report_user_errors
+from core.safe_files import safe_torch_load
 from datamodules import DreamBoothDataModule
 from lightning_modules.dreambooth import DreamBoothModule, check_training_precision
-from lightning_modules.errors import report_user_errors
-from lightning_modules.safe_files import safe_torch_load
 from lightning_modules.strategies import check_strategy_options, prepare_strategy
 
 # How to render, not what was trained: with --ckpt_path, these keep the command's values (see _parse_ckpt_path).

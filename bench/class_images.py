@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine  # noqa: E402
 from datamodules.class_images import generate_class_images  # noqa: E402
-from lightning_modules.sd_loading import load_pipeline  # noqa: E402
+from sd.models.loading import load_pipeline  # noqa: E402
 
 PROMPT = "a photo of ball"
 

@@ -238,7 +238,7 @@ def write_report(
     text = "\n".join(header + lines) + "\n"
     print(text, end="")
     if out is not None:
-        from lightning_modules.safe_files import atomic_write_text
+        from core.safe_files import atomic_write_text
 
         atomic_write_text(out, text)
     return text

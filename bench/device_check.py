@@ -1048,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _build_job_model(ctx: Context, job: Job) -> str | None:
     """Build a job's own base model (a built-in, once) before it runs, noting the time; the traceback if it fails."""
-    from lightning_modules.builtin_models import builtin_path, resolve_pretrained
+    from sd.models.builtin import builtin_path, resolve_pretrained
 
     if not job.model.startswith("builtin:") or (builtin_path(job.model) / "model_index.json").is_file():
         return None
@@ -1065,7 +1065,7 @@ def run_jobs(
     ctx: Context, jobs: list[Job], args: argparse.Namespace, out: Path, started: float, argv: list[str] | None
 ) -> dict[str, Outcome]:
     """Build the model and the data, run the jobs in sequence within the budget, rewrite ``out`` after each."""
-    from lightning_modules.builtin_models import resolve_pretrained
+    from sd.models.builtin import resolve_pretrained
 
     build_start = time.perf_counter()
     build_error = None

@@ -42,9 +42,9 @@ from bench.common import ROOT, machine  # noqa: E402
 CHILD = """
 import json, sys, torch
 from diffusers import UNet2DConditionModel
-from lightning_modules.builtin_models import resolve_pretrained
+from sd.models.builtin import resolve_pretrained
 from lightning_modules.memory import cast_frozen_
-from lightning_modules.sd_loading import load_part
+from sd.models.loading import load_part
 way, model = sys.argv[1], sys.argv[2]
 if way == "float32":
     unet = load_part(model, "unet").requires_grad_(False)
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=0, help="measure N processes loading at once (see above)")
     parser.add_argument("--jobs", type=int, default=1, help="ways measured at once, each in its own process")
     args = parser.parse_args()
-    from lightning_modules.builtin_models import resolve_pretrained
+    from sd.models.builtin import resolve_pretrained
 
     resolve_pretrained(args.model)  # built once before measuring
     if args.ranks:
@@ -96,7 +96,7 @@ def main() -> None:
 
 RANK_CHILD = """
 import json, sys, torch
-from lightning_modules.sd_loading import load_part
+from sd.models.loading import load_part
 unet = load_part(sys.argv[1], "unet", single_file_config=sys.argv[2]).requires_grad_(True)  # full fine-tuning
 with torch.no_grad():
     total = sum(float(p.detach().sum()) for p in unet.parameters())  # every weight read once, as FSDP moves units
@@ -139,8 +139,8 @@ def _load_at_once(source: str, config: str, ranks: int) -> list[dict]:
 def measure_ranks(model: str, ranks: int) -> None:
     import tempfile
 
-    from lightning_modules.sd_loading import load_pipeline
-    from lightning_modules.single_file import save_single_file
+    from sd.models.loading import load_pipeline
+    from sd.models.single_file import save_single_file
 
     print(f"# bench/load_memory.py --ranks {ranks}: the UNet of {model}, loaded by {ranks} processes at once, each")
     print("# reading every weight once (full fine-tuning: float32, trained); measured while all hold it")

@@ -111,7 +111,7 @@ def main() -> None:
                              "loaded, each of the first two steps' forward and backward): where the peak is set")  # fmt: skip
     args = parser.parse_args()
     gpu = args.accelerator != "cpu"
-    from lightning_modules.builtin_models import resolve_pretrained
+    from sd.models.builtin import resolve_pretrained
 
     resolve_pretrained(args.model)  # build it once (minutes, ~4 GB for sd15-random) before timing anything
     configs = {k: v for k, v in CONFIGS.items() if not args.only or args.only in k}

@@ -66,7 +66,7 @@ def subject_dino(
 ) -> float:
     """Toy DINO: mean cosine of ``prompt``'s renders (fixed seeds, (height, width) ``size``) to ``references``
     (R, 3, H, W) in [0, 1]."""
-    from lightning_modules.pipeline import build_pipeline
+    from sd.render.pipeline import build_pipeline
 
     pipe = build_pipeline(model.sampling_parts())
     g = torch.Generator().manual_seed(1234)

@@ -47,7 +47,7 @@ def draw_subject_on_walls(folder: Path, captions: bool, resolution: int = 32) ->
 
 @torch.no_grad()
 def wall_control(model, identifier: str, clip, num_images: int = 4) -> float:
-    from lightning_modules.pipeline import build_pipeline
+    from sd.render.pipeline import build_pipeline
 
     pipe = build_pipeline(model.sampling_parts())
     text = clip.encode_text([f"a ball, plain {c} wall" for c in COLOURS])  # (C, D)

@@ -47,7 +47,7 @@ def mean_similarity(a: torch.Tensor, b: torch.Tensor, distinct: bool) -> float:
 
 def vae_reconstructions(images: torch.Tensor, model: str = TOY_MODEL) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] through the model's VAE (the mean of the latent distribution) and back."""
-    from lightning_modules.sd_loading import load_parts
+    from sd.models.loading import load_parts
 
     vae = load_parts(model, ["vae"])["vae"].eval()
     with torch.no_grad():
@@ -125,7 +125,7 @@ WHAT = ("real vs real", "VAE reconstruction vs real", "generic class vs real")
 
 def main(argv: list[str] | None = None) -> list[dict]:
     from datamodules.toy_subject import TOY_SUBJECTS
-    from lightning_modules.toy_models import weights_folder
+    from sd.models.toy import weights_folder
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=int, default=5, help="photos of each subject (the demo draws 5)")
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out is not None:
-        from lightning_modules.safe_files import atomic_write_text
+        from core.safe_files import atomic_write_text
 
         atomic_write_text(args.out, text)
     return rows

@@ -48,7 +48,7 @@ def draw_subject_on_striped_wall(folder: Path, masks: bool, num_images: int = 5,
 @torch.no_grad()
 def wall_score(model, prompt: str, clip, num_images: int = 8) -> float:
     """Toy CLIP: mean similarity of ``prompt``'s renders to STRIPED minus that to PLAIN."""
-    from lightning_modules.pipeline import build_pipeline
+    from sd.render.pipeline import build_pipeline
 
     pipe = build_pipeline(model.sampling_parts())
     g = torch.Generator().manual_seed(1234)

@@ -71,8 +71,8 @@ class UNetReference(pl.Callback):
 
     @staticmethod
     def _unet_forward_backward(module, batch) -> float:
-        from lightning_modules.diffusion import add_noise
         from lightning_modules.memory import to_memory_format
+        from sd.training.diffusion import add_noise
 
         with torch.no_grad():
             latents = module._latents(batch)

@@ -12,9 +12,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from callbacks.run_dir import run_dir
-from lightning_modules.export import export_full, export_lora
-from lightning_modules.sd_loading import load_components
 from lightning_modules.strategies import strategy_kind
+from sd.export.folder import export_full, export_lora
+from sd.models.loading import load_components
 
 
 class DreamBoothExport(pl.Callback):

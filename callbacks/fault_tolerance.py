@@ -31,8 +31,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.run_dir import run_dir
-from lightning_modules.errors import InputNotFoundError
-from lightning_modules.safe_files import atomic_torch_save, safe_torch_load
+from core.errors import InputNotFoundError
+from core.safe_files import atomic_torch_save, safe_torch_load
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

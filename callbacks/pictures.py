@@ -23,10 +23,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from core.errors import ConfigError
+from core.safe_files import atomic_write
 from datamodules.datasets import as_trained
 from datamodules.images import load_image
-from lightning_modules.errors import ConfigError
-from lightning_modules.safe_files import atomic_write
 
 DEFAULT_CELL_SIZE = 256
 MIN_CELL_SIZE = 128  # a 32 px render shown at 32 px is a thumbnail the eye cannot judge

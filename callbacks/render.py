@@ -13,7 +13,7 @@ from callbacks.distributed import all_gather_list
 from callbacks.grid import to_records
 from callbacks.pictures import DEFAULT_CELL_SIZE, check_cell_size, make_grid, model_line, save_png_atomic, settings_line
 from callbacks.run_dir import run_dir
-from lightning_modules.infotext import render_text_chunks, save_png
+from sd.render.infotext import render_text_chunks, save_png
 
 CONTACT_SHEET = "contact_sheet.png"
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from lightning_modules.errors import ConfigError
+from core.errors import ConfigError
 
 Size = tuple[int, int]  # (height, width) in pixels
 DEFAULT_STEP = 64  # Stable Diffusion's 8 x 8 (VAE x UNet), used when a model's configs are not at hand

@@ -29,8 +29,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from core.safe_files import atomic_path, file_sha256
 from datamodules.images import load_image
-from lightning_modules.safe_files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class LatentMasks(NamedTuple):
 
 def latent_size_masks(masks: LatentMasks, views: int, size: tuple[int, int]) -> Tensor:
     """(N, views, 1, h, w): each image's mask (and its mirror image) averaged down to the latent grid ``size`` as
-    :func:`lightning_modules.diffusion.dreambooth_loss` averages pixel masks (ones for an image without a mask)."""
+    :func:`sd.training.diffusion.dreambooth_loss` averages pixel masks (ones for an image without a mask)."""
     import torch.nn.functional as F
 
     rows = []
@@ -79,17 +79,9 @@ def latent_size_masks(masks: LatentMasks, views: int, size: tuple[int, int]) -> 
 
 def default_cache_dir() -> Path:
     """``$DREAMBOOTH_CACHE/data`` (default ``~/.cache/dreambooth_lightning/data``), beside the built-in models."""
-    from lightning_modules.builtin_models import cache_dir
+    from sd.models.builtin import cache_dir
 
     return cache_dir() / "data"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def part_fingerprint(
@@ -105,7 +97,7 @@ def part_fingerprint(
     model its config and the commit its files came from; a single-file checkpoint its size and modification time
     and the configs it is read with.
     """
-    from lightning_modules.sd_loading import check_model_path
+    from sd.models.loading import check_model_path
 
     path = check_model_path(pretrained_model_name_or_path)
     fp: dict[str, Any] = {"model": pretrained_model_name_or_path, "revision": revision, "variant": variant}
@@ -260,7 +252,7 @@ def latent_cache(
     if cached is not None and (masks is None or "mask" in cached):
         log.info("Latent cache hit: %d images from %s.", len(images), cache_dir)
         return LatentTable(cached["mean"], cached["std"], cached.get("mask"))
-    from lightning_modules.sd_loading import load_parts
+    from sd.models.loading import load_parts
 
     log.info("Building the latent cache: encoding %d images%s once.", len(images), " (and flipped)" * random_flip)
     model = load_parts(pretrained_model_name_or_path, ["vae"], revision, variant, single_file_config, vae)["vae"]
@@ -276,14 +268,14 @@ def latent_cache(
 
 
 def _is_model_folder(vae: str) -> bool:
-    from lightning_modules.builtin_models import resolve_pretrained
+    from sd.models.builtin import resolve_pretrained
 
     return (Path(resolve_pretrained(vae)) / "vae").is_dir()
 
 
 def _vae_fingerprint(vae: str) -> dict:
     """What identifies a separate VAE (``model.vae``): a VAE folder's config and files, or a hub id's config."""
-    from lightning_modules.builtin_models import resolve_pretrained
+    from sd.models.builtin import resolve_pretrained
 
     folder = Path(resolve_pretrained(vae)).expanduser()
     fp: dict[str, Any] = {"vae": vae}
@@ -324,7 +316,7 @@ def text_embedding_tables(
     single_file_config: str | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
     """(prompt -> (77, D) context, prompt -> (P,) pooled embedding or None) of the frozen text encoder(s), as
-    :func:`lightning_modules.diffusion.encode_prompts` makes them for the model's family; from the cache or encoded
+    :func:`sd.training.diffusion.encode_prompts` makes them for the model's family; from the cache or encoded
     now and cached.
 
     One cache entry per distinct prompt (``<cache_dir>/text/prompt-<key>.safetensors``), keyed by the prompt, the
@@ -332,8 +324,8 @@ def text_embedding_tables(
     caption only. Each prompt is encoded alone (a batch of one), so an entry's bits never depend on which other
     prompts happened to be missing with it.
     """
-    from lightning_modules.families import SD1
-    from lightning_modules.sd_loading import check_model_path, detect_family
+    from sd.models.families import SD1
+    from sd.models.loading import check_model_path, detect_family
 
     family = detect_family(check_model_path(pretrained_model_name_or_path, revision), revision) or SD1
     prompts = sorted(set(prompts))
@@ -358,8 +350,8 @@ def text_embedding_tables(
 
 def _encode_and_cache(family, model: tuple, prompts: list[str], keys: dict, encoder: dict, folder: Path, device):
     """Encode each of ``prompts`` alone with the family's frozen text encoder(s) and cache each as its own entry."""
-    from lightning_modules.diffusion import encode_prompts
-    from lightning_modules.sd_loading import load_parts
+    from sd.models.loading import load_parts
+    from sd.training.diffusion import encode_prompts
 
     log.info("Building the text-embedding cache: encoding %d new prompt(s) once.", len(prompts))
     loaded = load_parts(model[0], [*family.tokenizers, *family.text_encoders], *model[1:])

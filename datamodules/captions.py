@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from core.errors import ConfigError, InputFileError
 from datamodules.prompt_checks import prompt_words
-from lightning_modules.errors import ConfigError, InputFileError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_EXTENSION = ".txt"

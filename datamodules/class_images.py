@@ -22,8 +22,8 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from core.safe_files import atomic_write_text
 from datamodules.images import list_images, save_image_atomic
-from lightning_modules.safe_files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,8 @@ def generate_class_images(
 
     from diffusers import DPMSolverMultistepScheduler
 
-    from lightning_modules.pipeline import prompt_embedding_kwargs
-    from lightning_modules.sd_loading import load_pipeline
+    from sd.models.loading import load_pipeline
+    from sd.render.pipeline import prompt_embedding_kwargs
 
     device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from lightning_modules.errors import ConfigError
+from core.errors import ConfigError
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from core.errors import ConfigError, InputNotFoundError
 from datamodules.bucket_dataset import bucketed_dataset, cached_bucket_dataset
 from datamodules.buckets import assign_buckets, check_bucket_options, resolve_step
 from datamodules.cached_dataset import CachedLatentDataset, WithTextEmbeddings, collate_latents, square_masks
@@ -41,8 +42,7 @@ from datamodules.prompt_checks import missing_identifier_message
 from datamodules.prompts import resolve_templates
 from datamodules.resumable import resumable_bucket_loader, resumable_train_loader
 from datamodules.validation import ValidationPromptDataset, collate_prompts, prompt_loader
-from lightning_modules.errors import ConfigError, InputNotFoundError
-from lightning_modules.heldout import MIN_TRAINING_PHOTOS, HeldOutSet, check_holdout, holdout_count, split_holdout
+from sd.training.heldout import MIN_TRAINING_PHOTOS, HeldOutSet, check_holdout, holdout_count, split_holdout
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         """Check the images and, for ``fit``, generate the missing class images and build the caches (once per node)."""
         hp = self.hparams
         stage = self.trainer.state.fn if self.trainer is not None else "fit"
-        from lightning_modules.sd_loading import check_model_path  # loads diffusers: not at import
+        from sd.models.loading import check_model_path  # loads diffusers: not at import
 
         check_model_path(
             hp.pretrained_model_name_or_path, hp.revision
@@ -483,7 +483,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
 
     def _photo_buckets(self, c: ResolvedConcept, images: list[Path], announce: bool = False) -> list[tuple[int, int]]:
         """Each photo's bucket (height, width), with ``data.buckets``."""
-        from lightning_modules.sd_loading import check_model_path
+        from sd.models.loading import check_model_path
 
         hp = self.hparams
         option = f"{c.option}.instance_data_dir"

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from core.errors import ConfigError, InputFileError, InputNotFoundError
 from datamodules.images import check_image_folder
 from datamodules.prompts import PROMPT_SETS, fill, resolve_templates
 from datamodules.validation import ValidationBatch, collate_prompts
-from lightning_modules.errors import ConfigError, InputFileError, InputNotFoundError
 
 log = logging.getLogger(__name__)
 

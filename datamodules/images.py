@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from core.errors import InputFileError, InputNotFoundError
+from core.safe_files import atomic_write
 from datamodules.masks import is_mask_of_a_photo
-from lightning_modules.errors import InputFileError, InputNotFoundError
-from lightning_modules.safe_files import atomic_write
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Files that operating systems and tools drop into folders; never images, whatever their name says.

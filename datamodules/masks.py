@@ -2,7 +2,7 @@
 
 A mask is a grayscale image beside its photo, ``photo_mask.png`` for ``photo.jpg`` (white: the subject, trained on;
 black: ignored; grays weigh in between), or, with ``data.alpha_mask``, the photo's own alpha channel. The loss
-(:func:`lightning_modules.diffusion.dreambooth_loss`) averages each instance row's squared error weighted by its mask,
+(:func:`sd.training.diffusion.dreambooth_loss`) averages each instance row's squared error weighted by its mask,
 reduced to the latent grid there; class rows are never masked.
 """
 
@@ -17,7 +17,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from lightning_modules.errors import InputFileError
+from core.errors import InputFileError
+from core.safe_files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,6 @@ def load_mask(photo: Path, size: tuple[int, int], alpha_mask: bool) -> Image.Ima
 def mask_key(photo: Path, alpha_mask: bool) -> str | None:
     """What ``photo``'s mask is made from, for cache keys, without decoding it: its mask file's SHA-256, ``alpha``
     (its own alpha channel, with ``alpha_mask``: the photo's bytes are keyed already), or None (no mask)."""
-    from datamodules.caches import file_sha256
-
     path = mask_file(Path(photo))
     if path.is_file():
         return file_sha256(path)

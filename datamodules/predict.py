@@ -8,9 +8,9 @@ from pathlib import Path
 from torch import Tensor
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from core.errors import InputFileError, InputNotFoundError
 from datamodules.images import load_image
 from datamodules.validation import ValidationBatch, collate_prompts
-from lightning_modules.errors import InputFileError, InputNotFoundError
 
 
 class PredictBatch(ValidationBatch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import string
 
-from lightning_modules.errors import ConfigError
+from core.errors import ConfigError
 
 PLACEHOLDERS = ("identifier", "class_noun")
 

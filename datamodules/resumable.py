@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_modules.rng_state import cpu_seeded
+from core.rng_state import cpu_seeded
 
 _MASK63 = (1 << 63) - 1
 

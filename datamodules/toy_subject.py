@@ -20,8 +20,8 @@ from typing import Literal
 
 from PIL import Image, ImageDraw
 
+from core.errors import ConfigError, report_user_errors
 from datamodules.images import save_image_atomic
-from lightning_modules.errors import ConfigError, report_user_errors
 
 TEAL = (0, 150, 150)
 ORANGE = (250, 120, 20)

@@ -1,8 +1,3 @@
-"""The LightningModule (dreambooth.py) and the Lightning-free Stable Diffusion components it drives."""
-
-import logging
-
-# bitsandbytes (imported by peft) looks for an optional CPU 4-bit kernel on the model hub when it is imported and logs
-# a warning when that fails (offline, or an untrusted repository); nothing here uses a 4-bit kernel. Set before any
-# submodule imports peft.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+"""The LightningModule (dreambooth.py) and what it alone uses: its optimizers (optim, fused_optim), the average of
+its trained weights (ema), its memory switches (memory), its guards against non-finite numbers (numerics) and the
+sharded strategies it runs under (strategies). The Lightning-free Stable Diffusion layer it drives is :mod:`sd`."""

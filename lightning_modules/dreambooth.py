@@ -11,49 +11,20 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from core.errors import CheckpointMismatchError, ConfigError
+from core.rng_state import capture_rng_states, restore_rng_states
 from datamodules.batch import DreamBoothBatch
 from datamodules.evaluation import EvalBatch
 from datamodules.predict import PredictBatch
 from datamodules.validation import ValidationBatch
-from lightning_modules.controlnet import check_controlnet_fits, check_controlnet_for_model, load_controlnet
-from lightning_modules.diffusion import (
-    TextConditioning,
-    diffusion_target,
-    dreambooth_loss,
-    encode_latents,
-    encode_prompts,
-    sample_latents,
-    unet_conditioning,
-    unread_text_encoder_parts,
-)
 from lightning_modules.ema import TrainedWeightsEMA, check_ema_decay
-from lightning_modules.errors import CheckpointMismatchError, ConfigError
 from lightning_modules.fused_optim import OptimizerInBackward, fused_backward_conflicts
-from lightning_modules.heldout import HELDOUT_SEED, HeldOutInputs, heldout_inputs, heldout_loss
-from lightning_modules.lora import (
-    TEXT_ENCODER_TARGET_MODULES,
-    UNET_TARGET_MODULES,
-    AdapterName,
-    adapter_config,
-    inject_lora,
-    load_lora_file,
-    resolve_lora_file,
-)
-from lightning_modules.loss_recipes import LossRecipe, draw_noisy_inputs, loss_row_weights
 from lightning_modules.memory import (
     AttentionName,
     apply_unet_savers,
     cast_frozen_,
     release_freed_cpu_memory,
     to_memory_format,
-)
-from lightning_modules.new_tokens import (
-    NewTokenEmbedding,
-    add_new_tokens,
-    check_new_tokens,
-    embedding_file_state,
-    expand_identifier,
-    load_embedding_file,
 )
 from lightning_modules.numerics import NanPolicy, NonFiniteLossError, check_finite_weights, non_finite_loss_message
 from lightning_modules.optim import (
@@ -65,10 +36,39 @@ from lightning_modules.optim import (
     check_schedule,
     param_groups,
 )
-from lightning_modules.pipeline import build_pipeline
-from lightning_modules.rng_state import capture_rng_states, restore_rng_states
-from lightning_modules.sampling import SamplingSettings, image_seed, render
-from lightning_modules.sd_loading import SDComponents, check_vae_path, load_components, load_parts
+from sd.adapters.lora import (
+    TEXT_ENCODER_TARGET_MODULES,
+    UNET_TARGET_MODULES,
+    AdapterName,
+    adapter_config,
+    inject_lora,
+)
+from sd.adapters.new_tokens import (
+    NewTokenEmbedding,
+    add_new_tokens,
+    check_new_tokens,
+    embedding_file_state,
+    expand_identifier,
+    load_embedding_file,
+)
+from sd.export.folder import load_lora_file
+from sd.export.layout import resolve_lora_file
+from sd.models.loading import SDComponents, check_vae_path, load_components, load_parts
+from sd.render.controlnet import check_controlnet_fits, check_controlnet_for_model, load_controlnet
+from sd.render.pipeline import build_pipeline
+from sd.render.sampling import SamplingSettings, image_seed, render
+from sd.training.diffusion import (
+    TextConditioning,
+    diffusion_target,
+    dreambooth_loss,
+    encode_latents,
+    encode_prompts,
+    sample_latents,
+    unet_conditioning,
+    unread_text_encoder_parts,
+)
+from sd.training.heldout import HELDOUT_SEED, HeldOutInputs, heldout_inputs, heldout_loss
+from sd.training.loss_recipes import LossRecipe, draw_noisy_inputs, loss_row_weights
 
 # Lightning precision setting -> dtype in which the frozen modules are held and run.
 FROZEN_DTYPES = {
@@ -123,7 +123,7 @@ def without_padding(out: dict, batch: dict, num_images: int | torch.Tensor | Non
 
 class DreamBoothModule(pl.LightningModule):
     """Fine-tunes Stable Diffusion (1.x, 2.x or SDXL: the family is told from the model's files, see
-    :mod:`lightning_modules.families`) on one subject with the DreamBooth objective, fully or with LoRA.
+    :mod:`sd.models.families`) on one subject with the DreamBooth objective, fully or with LoRA.
 
     Args:
         pretrained_model_name_or_path: The base model: a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lightning_modules.errors import CheckpointMismatchError, ConfigError
+from core.errors import CheckpointMismatchError, ConfigError
 
 
 def check_ema_decay(decay: float | None) -> None:

@@ -11,7 +11,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 
-from lightning_modules.errors import ConfigError
+from core.errors import ConfigError
 
 AttentionName = Literal["sdpa", "eager"]
 

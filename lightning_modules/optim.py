@@ -8,7 +8,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch import nn
 
-from lightning_modules.errors import ConfigError, MissingPackageError
+from core.errors import ConfigError, MissingPackageError
 
 OptimizerName = Literal[
     "adamw", "adamw8bit", "paged_adamw8bit", "lion", "lion8bit", "paged_lion8bit", "adafactor", "prodigy"

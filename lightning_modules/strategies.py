@@ -19,8 +19,8 @@ from typing import Any
 
 from lightning.pytorch.strategies import FSDPStrategy
 
-from lightning_modules.errors import ConfigError, MissingPackageError
-from lightning_modules.safe_files import safe_torch_load
+from core.errors import ConfigError, MissingPackageError
+from core.safe_files import safe_torch_load
 
 __all__ = ["DreamBoothFSDPStrategy", "check_strategy_options", "fsdp_wrap_classes", "prepare_strategy", "strategy_kind"]
 

@@ -1,7 +1,6 @@
 """The preprocessing open_clip attaches to a model, for CLIP models built by hand (tiny and toy encoders).
 
-A module of its own so that the toy world's builders (:mod:`lightning_modules.toy_models`) and the metric encoders
-(:mod:`metrics.encoders`, which loads the toy models) both use it without importing each other.
+Used by the tiny and toy encoders of :mod:`metrics.encoders`; a module of its own, with no imports from the project.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_modules.safe_files import atomic_write_text
+from core.safe_files import atomic_write_text
 from metrics.encoders import ClipEncoder, ImageEncoder
 from metrics.subject import Diversity, PreservationScore, PromptFidelity, SubjectFidelity, strip_identifier
 

@@ -18,14 +18,15 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 
-from lightning_modules.errors import ConfigError
-from lightning_modules.rng_state import cpu_seeded
+from core.errors import ConfigError
+from core.rng_state import cpu_seeded
 from metrics.clip_preprocess import attach_clip_preprocess
+from sd.models.toy import TOY_RESOLUTION, load_weights
 
 BUILTIN_PREFIX = "builtin:"
 TINY_DINO = "builtin:tiny-dino"
 TINY_CLIP = "builtin:tiny-clip"
-TOY_DINO = "builtin:toy-dino"  # trained on the toy world (lightning_modules/toy_models.py)
+TOY_DINO = "builtin:toy-dino"  # trained on the toy world (scripts/pretrain_toy.py)
 TOY_CLIP = "builtin:toy-clip"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -210,9 +211,9 @@ class ClipEncoder(ImageEncoder):
         return nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
 
-def _seeded(build):
+def _seeded(build, seed: int = _BUILTIN_SEED):
     """Run ``build()`` under a fixed seed without touching the caller's RNG state."""
-    with cpu_seeded(_BUILTIN_SEED):
+    with cpu_seeded(seed):
         return build()
 
 
@@ -240,6 +241,34 @@ def _tiny_clip() -> nn.Module:
     )
 
 
+# The toy world's encoders (builtin:toy-clip, builtin:toy-dino): built here, their weights pretrained by
+# scripts/pretrain_toy.py and loaded from models/toy-world-v1 (sd.models.toy.load_weights).
+def build_toy_clip(seed: int = 0) -> nn.Module:
+    """An open_clip ``CLIP`` for 32 px images with the preprocessing the metric reads (bicubic, CLIP mean / std)."""
+    import open_clip
+
+    vision_cfg = {"image_size": TOY_RESOLUTION, "layers": 3, "width": 64, "patch_size": 8}
+    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}
+    return attach_clip_preprocess(
+        _seeded(lambda: open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=text_cfg), seed + 3)
+    )
+
+
+def build_toy_dino(seed: int = 0) -> nn.Module:
+    """A small ``ViTModel`` for 32 px images (patch 4), read through its CLS token like DINO."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=128,
+        patch_size=4,
+        image_size=TOY_RESOLUTION,
+    )
+    return _seeded(lambda: ViTModel(config, add_pooling_layer=False), seed + 4)
+
+
 def load_dino(name: str = "facebook/dino-vits16") -> DinoEncoder:
     """Load a DINO ViT encoder.
 
@@ -250,8 +279,6 @@ def load_dino(name: str = "facebook/dino-vits16") -> DinoEncoder:
     if name == TINY_DINO:
         model = _tiny_dino()
     elif name == TOY_DINO:
-        from lightning_modules.toy_models import TOY_RESOLUTION, build_toy_dino, load_weights
-
         model = load_weights(build_toy_dino(), "toy_dino")
         return DinoEncoder(model, name=name, resize=TOY_RESOLUTION, crop=TOY_RESOLUTION)
     elif name.startswith(BUILTIN_PREFIX):
@@ -277,8 +304,6 @@ def load_clip(name: str = "ViT-B-32", pretrained: str | None = "openai") -> Clip
     if name == TINY_CLIP:
         return ClipEncoder(_tiny_clip(), open_clip.SimpleTokenizer(context_length=77), name=name)
     if name == TOY_CLIP:
-        from lightning_modules.toy_models import build_toy_clip, load_weights
-
         model = load_weights(build_toy_clip(), "toy_clip")
         return ClipEncoder(model, open_clip.SimpleTokenizer(context_length=77), name=name)
     if name.startswith(BUILTIN_PREFIX):

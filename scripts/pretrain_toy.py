@@ -4,7 +4,7 @@
 
 The world is :mod:`datamodules.toy_world` at 32 px (world 2: objects with uncaptioned patterns, ``pattern_prob``).
 The models are the diffusers / transformers / open_clip classes of the real ones, sized by
-:mod:`lightning_modules.toy_models` (``WORLDS``). The phases, in order:
+:mod:`sd.models.toy` (``WORLDS``). The phases, in order:
 
 1. ``vae``: an ``AutoencoderKL`` (32 px -> 8 x 8 x 4), L1 + MSE reconstruction with a small KL term, on the world's
    images and as many again ``vae_free_fraction`` free-colour ones (any colours, patterns and emblems: an
@@ -42,14 +42,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from datamodules.toy_world import world_arrays
-from lightning_modules.toy_models import (
-    TOY_RESOLUTION,
-    build_toy_clip,
-    build_toy_dino,
-    build_toy_sd,
-    load_weights,
-    toy_tokenizer,
-)
+from metrics.encoders import build_toy_clip, build_toy_dino
+from sd.models.toy import TOY_RESOLUTION, build_toy_sd, load_weights, toy_tokenizer
 
 
 @dataclass
@@ -57,7 +51,7 @@ class Recipe:
     """The shipped weights' settings (models/toy-world-v2/recipe.json says on what machine they ran)."""
 
     seed: int = 0
-    world: int = 2  # the models' sizes: lightning_modules.toy_models.WORLDS
+    world: int = 2  # the models' sizes: sd.models.toy.WORLDS
     num_images: int = 60_000
     pattern_prob: float = 0.5  # world objects with an (uncaptioned) pattern in a second colour
     vae_free_fraction: float = 0.5  # the VAE also sees this many free-colour images per world image

@@ -38,15 +38,16 @@ from callbacks.pictures import (
     save_png_atomic,
     score_chunks,
 )
+from core.errors import report_user_errors
 from datamodules.images import check_image_folder, load_image
 from datamodules.prompts import PROMPT_SETS, fill, resolve_templates
-from lightning_modules.errors import report_user_errors
-from lightning_modules.lora import load_lora_file, resolve_lora_file
-from lightning_modules.pipeline import SAMPLERS, build_pipeline
-from lightning_modules.sampling import SamplingSettings, render
-from lightning_modules.sd_loading import load_components
 from metrics import load_clip, load_dino
 from metrics.dreambench import SubjectScorer
+from sd.export.folder import load_lora_file
+from sd.export.layout import resolve_lora_file
+from sd.models.loading import load_components
+from sd.render.pipeline import SAMPLERS, build_pipeline
+from sd.render.sampling import SamplingSettings, render
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from core.errors import report_user_errors
 from datamodules.images import save_image_atomic
-from lightning_modules.errors import report_user_errors
-from lightning_modules.pipeline import build_pipeline
-from lightning_modules.sampling import SamplingSettings, image_seed, render
-from lightning_modules.sd_loading import load_components
+from sd.models.loading import load_components
+from sd.render.pipeline import build_pipeline
+from sd.render.sampling import SamplingSettings, image_seed, render
 
 PROMPTS = (
     "a red ball",

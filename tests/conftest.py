@@ -97,8 +97,8 @@ def run_args(tmp_path, toy_subject_dir, class_images_dir):
 @pytest.fixture(scope="session")
 def tiny_single_file(tmp_path_factory) -> Path:
     """The built-in tiny model as one ``.safetensors`` in the original SD layout, as shared on model sites."""
-    from lightning_modules.sd_loading import load_pipeline
-    from lightning_modules.single_file import save_single_file
+    from sd.models.loading import load_pipeline
+    from sd.models.single_file import save_single_file
 
     return save_single_file(
         load_pipeline("builtin:tiny-sd"), tmp_path_factory.mktemp("single_file") / "tiny.safetensors"

@@ -22,11 +22,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from callbacks.run_dir import run_dir
-from lightning_modules.export import load_export
-from lightning_modules.export_layout import INFO_NAME, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
-from lightning_modules.lora import UNET_TARGET_MODULES, adapter_config, inject_lora
-from lightning_modules.lora_formats import lycoris_state_dict
-from lightning_modules.sd_loading import load_pipeline
+from sd.adapters.formats import lycoris_state_dict
+from sd.adapters.lora import UNET_TARGET_MODULES, adapter_config, inject_lora
+from sd.export.folder import load_export
+from sd.export.layout import INFO_NAME, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
+from sd.models.loading import load_pipeline
 from tests.conftest import fit_args
 from train import cli_main, main
 

@@ -25,10 +25,10 @@ import pytest
 from PIL import Image, features
 
 import lightning_modules.dreambooth
-import lightning_modules.sd_loading
+import sd.models.loading
+from core.errors import UserInputError
 from datamodules import DreamBoothDataModule
 from datamodules.images import ImageLoadError, ImageTooLargeError, load_image
-from lightning_modules.errors import UserInputError
 from train import cli_main
 
 RES = 64
@@ -264,7 +264,7 @@ def no_model_loading(monkeypatch):
         raise AssertionError("a model was loaded before the bad option was reported")
 
     monkeypatch.setattr(lightning_modules.dreambooth, "load_components", refuse)
-    monkeypatch.setattr(lightning_modules.sd_loading, "load_pipeline", refuse)
+    monkeypatch.setattr(sd.models.loading, "load_pipeline", refuse)
 
 
 OPTION_CASES = {

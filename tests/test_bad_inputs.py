@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 import lightning_modules.dreambooth
-import lightning_modules.sd_loading
-from lightning_modules.errors import UserInputError
+import sd.models.loading
+from core.errors import UserInputError
 from train import cli_main
 
 
@@ -20,7 +20,7 @@ def no_model_loading(monkeypatch):
         raise AssertionError("a model was loaded before the bad input was reported")
 
     monkeypatch.setattr(lightning_modules.dreambooth, "load_components", refuse)
-    monkeypatch.setattr(lightning_modules.sd_loading, "load_pipeline", refuse)
+    monkeypatch.setattr(sd.models.loading, "load_pipeline", refuse)
 
 
 def _fit(run_args, *overrides):

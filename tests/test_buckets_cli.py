@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 import datamodules.caches
 import datamodules.dreambooth
+from core.errors import ConfigError
 from datamodules.bucket_dataset import plan_items
 from datamodules.buckets import make_buckets, nearest_bucket, photo_bucket
 from datamodules.resumable import BucketBatchSampler
 from datamodules.toy_subject import draw_toy_image
-from lightning_modules.errors import ConfigError
 from tests.conftest import fit_args
 from tests.helpers import RecordGeometry
 from train import cli_main

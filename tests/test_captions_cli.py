@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 import datamodules.caches
 import datamodules.dreambooth
+from core.errors import InputFileError
 from datamodules.captions import vary_caption
-from lightning_modules.errors import InputFileError
 from tests.helpers import RecordPrompts
 from train import cli_main
 
@@ -209,16 +209,16 @@ def test_the_captions_example_config_trains(run_args, tmp_path, toy_subject_dir)
 def test_text_embedding_cache_encodes_only_a_changed_caption(run_args, tmp_path, toy_subject_dir, monkeypatch):
     """One cache entry per distinct caption: a second fit after one caption changed encodes that caption alone, and
     trains the same weights bit for bit as a fit that encoded every caption afresh."""
-    import lightning_modules.diffusion
+    import sd.training.diffusion
 
     encoded: list[list[str]] = []
-    encode = lightning_modules.diffusion.encode_prompts
+    encode = sd.training.diffusion.encode_prompts
 
     def counting(family, tokenizers, text_encoders, prompts):
         encoded.append(list(prompts))
         return encode(family, tokenizers, text_encoders, prompts)
 
-    monkeypatch.setattr(lightning_modules.diffusion, "encode_prompts", counting)
+    monkeypatch.setattr(sd.training.diffusion, "encode_prompts", counting)
     folder = _photos(tmp_path, toy_subject_dir)
     images = sorted(folder.glob("*.png"))
     for i, image in enumerate(images):

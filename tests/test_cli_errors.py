@@ -11,8 +11,7 @@ import sys
 import pytest
 
 import datamodules.dreambooth
-from datamodules.images import ImageLoadError, ImageTooLargeError
-from lightning_modules.errors import (
+from core.errors import (
     DEBUG_ENV,
     CheckpointMismatchError,
     ConfigError,
@@ -23,7 +22,8 @@ from lightning_modules.errors import (
     format_user_error,
     report_user_errors,
 )
-from lightning_modules.safe_files import UnsafeCheckpointError
+from core.safe_files import UnsafeCheckpointError
+from datamodules.images import ImageLoadError, ImageTooLargeError
 from scripts import scale_sweep
 from tests.conftest import ROOT, fit_args
 from train import main

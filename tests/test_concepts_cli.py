@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 from callbacks.run_dir import run_dir
-from lightning_modules.errors import ConfigError, InputNotFoundError
+from core.errors import ConfigError, InputNotFoundError
 from tests.conftest import fit_args
 from tests.helpers import RecordPrompts
 from train import cli_main

@@ -1,5 +1,5 @@
 """Base-model families: SD 2.x trains, exports and renders through the same code as SD 1.x (SDXL: tests/test_sdxl.py);
-other families are refused by name before anything loads (``lightning_modules/families.py``)."""
+other families are refused by name before anything loads (``sd/models/families.py``)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from callbacks.run_dir import run_dir
-from lightning_modules.families import SD1, SD2, SDXL, UnsupportedModelError, family_of_keys
-from lightning_modules.sd_loading import check_model_path, detect_family, load_pipeline
-from lightning_modules.single_file import load_single_file_pipeline
+from sd.models.families import SD1, SD2, SDXL, UnsupportedModelError, family_of_keys
+from sd.models.loading import check_model_path, detect_family, load_pipeline
+from sd.models.single_file import load_single_file_pipeline
 from train import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]

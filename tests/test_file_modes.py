@@ -16,8 +16,8 @@ from PIL import Image
 
 from callbacks.grid import save_png_atomic
 from callbacks.run_dir import run_dir
-from lightning_modules.infotext import save_png
-from lightning_modules.safe_files import atomic_directory, atomic_torch_save, atomic_write_text
+from core.safe_files import atomic_directory, atomic_torch_save, atomic_write_text
+from sd.render.infotext import save_png
 from train import cli_main
 
 UMASK = 0o002  # a shared machine's: group members may read and write

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from callbacks.run_dir import run_dir
-from lightning_modules.heldout import HeldOutSet, fixed_timesteps, heldout_inputs, heldout_loss, split_holdout
-from lightning_modules.sd_loading import load_components, load_parts
+from sd.models.loading import load_components, load_parts
+from sd.training.heldout import HeldOutSet, fixed_timesteps, heldout_inputs, heldout_loss, split_holdout
 from tests.conftest import fit_args
 from train import cli_main, main
 
@@ -64,7 +64,7 @@ def test_the_fixed_inputs_are_the_same_every_time():
     a, b = (heldout_inputs(vae, parts.noise_scheduler, held, seed=0) for _ in range(2))
     assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3], strict=True)) and a.prompts == b.prompts
     assert a.timesteps.tolist() == [125, 375, 625, 875] * 2 == fixed_timesteps(1000).tolist() * 2
-    from lightning_modules.diffusion import encode_text, tokenize
+    from sd.training.diffusion import encode_text, tokenize
 
     def denoise(noisy, t, prompts):
         return parts.unet(noisy, t, encode_text(parts.text_encoder, tokenize(parts.tokenizer, prompts))).sample

@@ -11,9 +11,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from callbacks.run_dir import run_dir
-from lightning_modules.export import load_export
-from lightning_modules.export_layout import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, SINGLE_FILE_NAME
-from lightning_modules.sd_loading import load_pipeline
+from sd.export.folder import load_export
+from sd.export.layout import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, SINGLE_FILE_NAME
+from sd.models.loading import load_pipeline
 from train import cli_main
 
 TINY = "builtin:tiny-sd"

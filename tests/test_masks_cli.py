@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 import datamodules.caches
 import datamodules.dreambooth
+from core.errors import InputFileError
 from datamodules.datasets import DreamBoothDataset
 from datamodules.images import list_images
-from lightning_modules.diffusion import dreambooth_loss
-from lightning_modules.errors import InputFileError
+from sd.training.diffusion import dreambooth_loss
 from tests.helpers import RecordPrompts
 from train import cli_main
 

@@ -12,10 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from callbacks.run_dir import run_dir
-from lightning_modules.export import load_export
-from lightning_modules.export_layout import LORA_WEIGHT_NAME
-from lightning_modules.new_tokens import EMBEDDINGS_NAME, add_new_tokens, expand_identifier
-from lightning_modules.sd_loading import load_part, load_pipeline
+from sd.adapters.new_tokens import EMBEDDINGS_NAME, add_new_tokens, expand_identifier
+from sd.export.folder import load_export
+from sd.export.layout import LORA_WEIGHT_NAME
+from sd.models.loading import load_part, load_pipeline
 from train import cli_main, main
 
 TINY = "builtin:tiny-sd"

@@ -10,8 +10,8 @@ from PIL import Image
 
 import lightning_modules.dreambooth
 from callbacks.pictures import read_layout
-from lightning_modules.infotext import JSON_KEY, PARAMETERS_KEY, parse_parameters
-from lightning_modules.sampling import image_seed
+from sd.render.infotext import JSON_KEY, PARAMETERS_KEY, parse_parameters
+from sd.render.sampling import image_seed
 from train import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from callbacks.fault_tolerance import SafeCheckpointIO
-from lightning_modules.errors import UserInputError
-from lightning_modules.safe_files import UnsafeCheckpointError, atomic_torch_save, atomic_write, safe_torch_load
+from core.errors import UserInputError
+from core.safe_files import UnsafeCheckpointError, atomic_torch_save, atomic_write, safe_torch_load
 from train import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,9 @@ UNSAFE_CALLS = (
 
 
 def test_no_source_file_unpickles_without_restriction_or_trusts_remote_code():
-    sources = [p for d in ("lightning_modules", "datamodules", "callbacks") for p in (ROOT / d).rglob("*.py")]
+    sources = [
+        p for d in ("lightning_modules", "sd", "core", "datamodules", "callbacks") for p in (ROOT / d).rglob("*.py")
+    ]
     sources.append(ROOT / "train.py")
     for path in sources:
         text = path.read_text()
@@ -114,7 +116,7 @@ def test_checkpoint_io_keeps_the_previous_checkpoint_when_saving_fails(tmp_path,
 
 WRITER = """
 import sys, torch
-from lightning_modules.safe_files import atomic_torch_save
+from core.safe_files import atomic_torch_save
 step = 0
 while True:
     step += 1

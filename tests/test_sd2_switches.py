@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from callbacks.run_dir import run_dir
 from datamodules.toy_subject import draw_toy_subject
-from lightning_modules.export_layout import KOHYA_WEIGHT_NAME
-from lightning_modules.new_tokens import EMBEDDINGS_NAME
+from sd.adapters.new_tokens import EMBEDDINGS_NAME
+from sd.export.layout import KOHYA_WEIGHT_NAME
 from tests.conftest import fit_args
 from tests.test_adapters_cli import _check_file_against_layers
 from train import cli_main

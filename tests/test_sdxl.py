@@ -1,4 +1,4 @@
-"""SDXL through the same CLI as SD 1.x (``lightning_modules/families.py``): LoRA and full fits on
+"""SDXL through the same CLI as SD 1.x (``sd/models/families.py``): LoRA and full fits on
 ``builtin:tiny-sdxl`` with class images made by the SDXL pipeline, its exports loaded by ``StableDiffusionXLPipeline``
 (diffusers and kohya files), bitwise resume, ``predict`` at a non-square size. One fit serves many assertions."""
 
@@ -18,12 +18,12 @@ from safetensors.torch import load_file
 
 from callbacks.run_dir import run_dir
 from datamodules.datasets import DreamBoothDataset, collate_dreambooth
-from lightning_modules.diffusion import TextConditioning, unet_conditioning
-from lightning_modules.families import SD1, SD2, SDXL
-from lightning_modules.lora_formats import load_lora_into_pipeline
-from lightning_modules.pipeline import build_pipeline, make_sampler
-from lightning_modules.sampling import SamplingSettings, render
-from lightning_modules.sd_loading import check_model_path, load_pipeline
+from sd.export.folder import load_lora_into_pipeline
+from sd.models.families import SD1, SD2, SDXL
+from sd.models.loading import check_model_path, load_pipeline
+from sd.render.pipeline import build_pipeline, make_sampler
+from sd.render.sampling import SamplingSettings, render
+from sd.training.diffusion import TextConditioning, unet_conditioning
 from train import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_every_trained_weight_gets_a_gradient(lora_run):
     """What DDP requires (it refuses parameters without a gradient): the first text encoder gives SDXL only its
     penultimate hidden states, so its last layer and final norm are not trained; every weight that trains gets a
     gradient from one step's loss."""
-    from lightning_modules.diffusion import add_noise
+    from sd.training.diffusion import add_noise
 
     cli, _ = lora_run
     module = cli.model
@@ -260,8 +260,8 @@ def test_sdxl_single_files_are_detected_and_checked_for_both_text_encoders(tmp_p
     text encoder's weights is named incomplete before any weights load."""
     from safetensors.torch import save_file
 
-    from lightning_modules.errors import InputFileError
-    from lightning_modules.sd_loading import detect_family
+    from core.errors import InputFileError
+    from sd.models.loading import detect_family
 
     keys = ["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight",
             "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",

@@ -28,12 +28,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from callbacks.run_dir import run_dir
-from lightning_modules.export_layout import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
-from lightning_modules.families import SDXL
-from lightning_modules.pipeline import build_pipeline
-from lightning_modules.sampling import SamplingSettings, render
-from lightning_modules.sd_loading import load_pipeline
-from lightning_modules.single_file import save_single_file
+from sd.export.layout import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
+from sd.models.families import SDXL
+from sd.models.loading import load_pipeline
+from sd.models.single_file import save_single_file
+from sd.render.pipeline import build_pipeline
+from sd.render.sampling import SamplingSettings, render
 from tests.test_adapters_cli import _comfy_names, _comfy_weight, _layers, _peft_weight
 from train import cli_main
 
@@ -257,7 +257,7 @@ def pivotal_xl(tmp_path_factory, toy_subject_dir):
 
 
 def test_sdxl_new_tokens_train_in_both_encoders_and_export_clip_l_and_clip_g(pivotal_xl):
-    from lightning_modules.new_tokens import EMBEDDINGS_NAME
+    from sd.adapters.new_tokens import EMBEDDINGS_NAME
 
     cli, folder = pivotal_xl
     module = cli.model
@@ -289,8 +289,8 @@ def test_sdxl_new_tokens_train_in_both_encoders_and_export_clip_l_and_clip_g(piv
 def test_sdxl_new_tokens_load_in_diffusers_and_render_like_the_trained_module(pivotal_xl):
     from diffusers import StableDiffusionXLPipeline
 
-    from lightning_modules.export import load_export
-    from lightning_modules.new_tokens import EMBEDDINGS_NAME
+    from sd.adapters.new_tokens import EMBEDDINGS_NAME
+    from sd.export.folder import load_export
 
     cli, folder = pivotal_xl
     export, module = folder / "export", cli.model

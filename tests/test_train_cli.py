@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from callbacks.fault_tolerance import SafeCheckpointIO
 from callbacks.run_dir import run_dir
-from lightning_modules.builtin_models import resolve_pretrained
+from sd.models.builtin import resolve_pretrained
 from train import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]

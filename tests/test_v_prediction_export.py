@@ -12,9 +12,9 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 
 from callbacks.run_dir import run_dir
-from lightning_modules.export import _save_single_file
-from lightning_modules.ldm_config import ldm_config
-from lightning_modules.sd_loading import load_pipeline
+from sd.export.folder import _save_single_file
+from sd.models.ldm_config import ldm_config
+from sd.models.loading import load_pipeline
 from train import cli_main
 
 

@@ -127,7 +127,7 @@ def test_only_sdxl_job_builds_only_its_model(tmp_path, monkeypatch):
     # --only sdxl-lora-1024: the SD 1.5 model the other jobs use is not built for it (on the GPU machine that is a
     # minute and 4 GB); the job gets its own model. The job itself is stubbed here (the smoke test above runs it).
     import bench.device_check as device_check
-    import lightning_modules.builtin_models as builtin_models
+    import sd.models.builtin as builtin_models
 
     built, ran = [], []
     monkeypatch.setattr(builtin_models, "resolve_pretrained", lambda name: built.append(name) or name)

@@ -16,7 +16,7 @@ from datamodules.cached_dataset import CachedLatentDataset
 from datamodules.caches import encode_latent_table, latent_cache, text_embedding_cache
 from datamodules.datasets import DreamBoothDataset, image_transform
 from datamodules.images import list_images, load_image
-from lightning_modules.sd_loading import load_part
+from sd.models.loading import load_part
 
 MODEL, INSTANCE, CLASS = "builtin:tiny-sd", "a photo of sks ball", "a photo of ball"
 
@@ -86,7 +86,7 @@ def test_cache_matches_encoding_and_is_reused(tmp_path, toy_subject_dir, encodes
     def no_vae(*args, **kwargs):
         raise AssertionError("the VAE was loaded although the cache was there")
 
-    monkeypatch.setattr("lightning_modules.sd_loading.load_part", no_vae)
+    monkeypatch.setattr("sd.models.loading.load_part", no_vae)
     again = latent_cache(images, 64, True, MODEL, cache_dir=tmp_path / "c")
     assert encodes == [4] and torch.equal(again.mean, table.mean)
 
@@ -150,7 +150,7 @@ def test_flip_picks_both_cached_orientations(tmp_path, toy_subject_dir):
 
 
 def test_text_embeddings_equal_the_text_encoder(tmp_path):
-    from lightning_modules.diffusion import encode_text, tokenize
+    from sd.training.diffusion import encode_text, tokenize
 
     embeds = text_embedding_cache([INSTANCE, CLASS, INSTANCE], MODEL, cache_dir=tmp_path)
     assert sorted(embeds) == sorted([INSTANCE, CLASS])

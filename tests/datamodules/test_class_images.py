@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import lightning_modules.sd_loading as sd_loading
+import sd.models.loading as sd_loading
 from datamodules.class_images import RECORD_NAME, generate_class_images
 from datamodules.images import list_images
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import CheckpointMismatchError, ConfigError
 from lightning_modules.ema import TrainedWeightsEMA, check_ema_decay
-from lightning_modules.errors import CheckpointMismatchError, ConfigError
 
 
 def _params():

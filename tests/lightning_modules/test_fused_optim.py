@@ -9,7 +9,7 @@ import torch
 
 from lightning_modules.fused_optim import OptimizerInBackward, fused_backward_conflicts
 from lightning_modules.optim import build_lr_scheduler, build_optimizer, param_groups
-from lightning_modules.sd_loading import load_part
+from sd.models.loading import load_part
 
 
 def _unet_and_inputs(steps: int):

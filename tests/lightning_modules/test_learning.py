@@ -6,8 +6,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from datamodules.datasets import DreamBoothDataset, collate_dreambooth
-from lightning_modules.diffusion import encode_latents, fixed_noise_error
 from lightning_modules.dreambooth import DreamBoothModule
+from sd.training.diffusion import encode_latents, fixed_noise_error
 
 
 def _batch(instance_images, class_images):

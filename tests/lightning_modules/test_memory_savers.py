@@ -10,7 +10,7 @@ from datamodules.datasets import DreamBoothDataset, collate_dreambooth
 from datamodules.images import list_images
 from lightning_modules.dreambooth import DreamBoothModule
 from lightning_modules.memory import set_attention
-from lightning_modules.sd_loading import load_part
+from sd.models.loading import load_part
 
 
 def test_eager_and_sdpa_attention_compute_the_same():
@@ -54,8 +54,8 @@ def test_savers_train_the_same_loss(toy_subject_dir, monkeypatch):
 
 
 def test_frozen_weights_are_cast_one_by_one_and_trained_ones_kept():
-    from lightning_modules.lora import UNET_TARGET_MODULES, inject_lora, lora_config
     from lightning_modules.memory import cast_frozen_, release_freed_cpu_memory
+    from sd.adapters.lora import UNET_TARGET_MODULES, inject_lora, lora_config
 
     unet = load_part("builtin:tiny-sd", "unet")  # its weights live in a memory-mapped safetensors file
     inject_lora(unet, lora_config(4, None, 0.0, UNET_TARGET_MODULES))

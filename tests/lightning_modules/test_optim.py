@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from lightning_modules.errors import ConfigError, MissingPackageError
+from core.errors import ConfigError, MissingPackageError
 from lightning_modules.optim import (
     BNB_OPTIMIZERS,
     build_lr_scheduler,

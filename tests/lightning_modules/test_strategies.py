@@ -20,10 +20,10 @@ import pytest
 import torch
 
 import train
+from core.errors import CheckpointMismatchError, ConfigError
+from core.safe_files import UnsafeCheckpointError
 from lightning_modules import strategies
 from lightning_modules.dreambooth import DreamBoothModule, clean_key
-from lightning_modules.errors import CheckpointMismatchError, ConfigError
-from lightning_modules.safe_files import UnsafeCheckpointError
 from lightning_modules.strategies import (
     DreamBoothFSDPStrategy,
     check_strategy_options,

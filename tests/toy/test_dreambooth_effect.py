@@ -16,7 +16,7 @@ from bench.common import toy_fit
 from datamodules.datasets import image_transform
 from datamodules.images import list_images, load_image
 from datamodules.toy_subject import draw_toy_subject
-from lightning_modules.diffusion import encode_latents, fixed_noise_error
+from sd.training.diffusion import encode_latents, fixed_noise_error
 
 # Gains measured over seeds 0-2 (python bench/toy_effect.py, 2026-11-22): DINO +0.086 to +0.274, CLIP-I +0.25 to
 # +0.48, from 0.016 / 0.034 before. The margins sit well under the smallest gain.

@@ -1,0 +1,1 @@
+"""Rendering: a pipeline around the live modules, seeded sampling, ControlNet, PNG metadata."""

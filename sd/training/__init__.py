@@ -1,0 +1,1 @@
+"""The training math: the DreamBooth objective, loss recipes, the held-out loss."""
