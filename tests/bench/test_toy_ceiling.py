@@ -28,3 +28,15 @@ def test_reduced_run_writes_each_subjects_three_rows(tmp_path):
     for subject in ("checker", "bee"):
         real, _, generic = (r["DINO"] for r in rows if r["subject"] == subject)
         assert real > generic  # a subject's own photos are closer to each other than generic balls are
+
+
+def test_every_toy_subjects_look_survives_the_toy_vae(tmp_path):
+    """Issue 15: for the demo subject and every toy DreamBench subject, the toy VAE's reconstructions of the 5 photos
+    score within 0.05 toy DINO of the photos against each other (bench/results/cpu_toy_ceiling.md: gaps 0.009-0.031),
+    so what a fine-tune learns is not lost in the latents."""
+    from datamodules.toy_subject import TOY_SUBJECTS
+
+    rows = main(["--photos", "5", "--class-images", "1", "--steps", "1"])  # the generic row is not read here
+    for subject in TOY_SUBJECTS:
+        real, recon, _ = (r["DINO"] for r in rows if r["subject"] == subject)
+        assert real - recon < 0.05, f"{subject}: photos {real:.3f}, reconstructions {recon:.3f}"
