@@ -48,7 +48,8 @@ from sd.models.toy import TOY_RESOLUTION, build_toy_sd, load_weights, toy_tokeni
 
 @dataclass
 class Recipe:
-    """The shipped weights' settings (models/toy-world-v2/recipe.json says on what machine they ran)."""
+    """World 2's settings, a GPU recipe (the output's recipe.json records them and each phase's machine). The shipped
+    models/toy-world-v1 were made by an earlier version of this script (their recipe.json)."""
 
     seed: int = 0
     world: int = 2  # the models' sizes: sd.models.toy.WORLDS

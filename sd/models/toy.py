@@ -131,8 +131,8 @@ def load_weights(module: nn.Module, name: str, folder: Path | None = None) -> nn
     path = folder / f"{name}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(
-            f"The toy world's weights {path} are missing: they come with the repository (git checkout), or are made "
-            "by `python -m scripts.pretrain_toy --out models/toy-world-v2`."
+            f"The toy world's weights {path} are missing: models/toy-world-v1 comes with the repository (git "
+            "checkout); another folder (DREAMBOOTH_TOY_WEIGHTS) is made by `python -m scripts.pretrain_toy --out <folder>`."
         )
     state = {k: v.float() for k, v in load_file(path).items()}
     module.load_state_dict(state, strict=True)
