@@ -14,7 +14,8 @@ checks) the second identifier's renders were not (bench/results/cpu_toy_concepts
 
 Measured (bench/results/cpu_toy_concepts.md, seeds 0-2, 200 steps; cpu_toy_concepts_360steps.md, 360): with the
 subject and demo recipe of issue 15 "a sks ball" renders are closer to the sks photos on every seed, "a zwx ball"
-renders to the zwx photos on seed 0 only (at 360 steps too).
+renders to the zwx photos on seed 0 only (at 360 steps too). With 32 renders a prompt instead of 8
+(cpu_toy_concepts_32renders.md) on no seed (zwx own minus other: -0.007, -0.210, -0.175).
 
 The variants of the investigation (bench/results/cpu_toy_concepts_variants.md) change one thing each:
 ``--second ohwx`` (the second identifier: ``zwx`` is two CLIP tokens, ``z`` + ``wx``; ``ohwx`` one, as ``sks``),

@@ -65,7 +65,8 @@ def test_buckets_learn_a_subject_near_the_edge_that_square_crops_cut_off():
 # +0.220: FIRST_OWN_GAP at about half of the smallest), but "a zwx ball" renders only on seed 0 (+0.039; seeds 1-2:
 # -0.169, -0.153), and each subject's photos are closest to its own identifier's renders on seeds 0 and 2 only (sks
 # photos +0.070, -0.013, +0.059; zwx photos +0.103, -0.018, +0.008). At 360 steps (cpu_toy_concepts_360steps.md) the
-# zwx renders were closer to the sks photos on seeds 1-2 too (-0.080, -0.027). With the subject and recipe before
+# zwx renders were closer to the sks photos on seeds 1-2 too (-0.080, -0.027); with 32 renders a prompt instead of 8
+# (cpu_toy_concepts_32renders.md) on every seed (-0.007, -0.210, -0.175). With the subject and recipe before
 # issue 15 (rank 16 at 1e-3) all four held on seeds 0-2 (smallest gaps: +0.023 for the zwx renders, +0.039 for the zwx
 # photos), so their test is a strict xfail over seeds 0-2 at SEPARATION: it reports when the second identifier separates
 # again.
