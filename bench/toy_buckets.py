@@ -14,9 +14,8 @@ model renders the instance prompt ("a sks ball", 8 images, fixed seeds) at 32 x 
 ball): how well the subject was learnt. (The run's own val/dino compares with the wide photos through DINO's center
 crop, which cuts the ball off as the square crop does, so it is not the measure here.)
 
-Measured (bench/results/cpu_toy_buckets.md, seeds 0-2): at 40 x 24 buckets beat square crops (0.369 against 0.287 on
-average; +0.11, +0.01, +0.13 per seed); at 32 x 32 they lose (0.213 against 0.262): the toy model, pretrained at 32 x 32
-only, learns the subject at the size it sees it.
+Measured (bench/results/cpu_toy_buckets.md, seeds 0-2, 120 steps): buckets beat square crops at 40 x 24 (0.476
+against 0.147 on average; +0.63, +0.17, +0.19 per seed) and at 32 x 32 (0.415 against 0.179; +0.32, +0.23, +0.15).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Per-image captions on the toy world: do captions that name each photo's wall let the prompt change the wall?
 
-Measured (bench/results/cpu_toy_captions.md, one seed): not in this setup; the instance prompt alone scored higher.
+Measured (bench/results/cpu_toy_captions.md, seeds 0-2, 120 steps; cpu_toy_captions_360steps.md, 360): the captions
+gave more wall control on average (0.301 against 0.219; at 360 steps 0.243 against 0.203) but not on every seed (seed
+1: -0.001 at 120 steps, +0.005 at 360).
 
     python bench/toy_captions.py [--steps 120] [--seeds 0] [--out bench/results/cpu_toy_captions.md]
 

@@ -12,6 +12,11 @@ fit (``configs/demo.yaml`` through the CLI, LoRA, prior preservation). Then each
   wall" (how much of the striped wall the subject prompt carries; lower: less wall);
 - DINO: the run's last validation val/dino (toy DINO of the subject renders against the photos: the subject is
   still learnt).
+
+Measured (bench/results/cpu_toy_masks.md, seeds 0-2, 120 steps; cpu_toy_masks_360steps.md, 360): on the subject and
+recipe of issue 15 the masks did not lower the wall (drops 0.019, 0.029, -0.036 at 120 steps; at 360 the masked renders
+carried more wall on every seed); the subject is learnt either way. With 32 renders instead of 8
+(cpu_toy_masks_32renders.md) the drops were -0.016, -0.023, 0.030: no drop either.
 """
 
 from __future__ import annotations
