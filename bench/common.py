@@ -205,6 +205,23 @@ def toy_fit(tmp_path: Path, subject: Path, class_dir: Path, *overrides: str, ste
     return cli, rows
 
 
+def demo_model_settings() -> dict[str, Any]:
+    """``configs/demo.yaml``'s ``model`` section: the recipe the toy benchmarks fit (their rates scale from it)."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]
+
+
+def demo_rates(factor: float) -> tuple[str, str]:
+    """CLI overrides setting the UNet's and the text encoder's learning rates to ``factor`` x ``configs/demo.yaml``'s
+    (so "4x the demo's rates" follows the demo when its recipe changes)."""
+    model = demo_model_settings()
+    return (
+        f"--model.learning_rate={float(model['learning_rate']) * factor:.4g}",
+        f"--model.text_encoder_lr={float(model['text_encoder_lr']) * factor:.4g}",
+    )
+
+
 def toy_bench_parser(doc: str | None, steps: int = 120, seeds: list[int] | None = None) -> argparse.ArgumentParser:
     """The toy benchmarks' shared options: ``--steps``, ``--seeds`` and ``--out`` (a markdown file for the report)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -3,13 +3,14 @@
     python bench/toy_adapters.py [--steps 120] [--seeds 0 1] [--out bench/results/cpu_toy_adapters.md]
 
 Each row is the demo's fit (``configs/demo.yaml`` through the CLI: the pretrained toy model, prior preservation,
-UNet + text encoder, rank 4, learning rate 1e-3) with ``model.adapter`` set, and ``data.holdout 1``: the last of the
+UNet + text encoder, the demo's rank and learning rates) for ``--steps`` steps (120 by default; the demo itself runs
+``trainer.max_steps``) with ``model.adapter`` set, and ``data.holdout 1``: the last of the
 five demo photos is kept out of training, and ``val/loss`` (the fixed-noise denoising loss on it) is logged at step 0,
 midway and at the end. The toy metrics (DINO, CLIP-I, CLIP-T, PRES: toy encoders, see README "Toy world") are the
 run's validation at the last step. One subject; the seed (``seed_everything``) varies the adapters' initialisation and
 the training noise. The demo's learning rate and rank were chosen with LoRA; LoHa and LoKr (whose updates start
-smaller: a product of two factors, one at zero) are also run at 4x the learning rates, as LyCORIS' guides suggest
-higher rates for them.
+smaller: a product of two factors, one at zero) are also run at 4x the learning rates (4x those read from
+``configs/demo.yaml`` by ``bench.common.demo_rates``), as LyCORIS' guides suggest higher rates for them.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import toy_bench_parser, toy_fit, write_report  # noqa: E402
+from bench.common import demo_model_settings, demo_rates, toy_bench_parser, toy_fit, write_report  # noqa: E402
 
 ADAPTERS = ("lora", "dora", "loha", "lokr")
-FAST = ("--model.learning_rate=4e-3", "--model.text_encoder_lr=2e-3")  # 4x the demo's rates
+FAST = demo_rates(4)  # 4x the demo's rates (configs/demo.yaml)
 ROWS = [(a, a, ()) for a in ADAPTERS] + [("loha, 4x lr", "loha", FAST), ("lokr, 4x lr", "lokr", FAST)]
 METRICS = ("dino", "clip_i", "clip_t", "pres")
 
@@ -77,9 +78,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     rows = measure(args.steps, args.seeds)
     steps = rows[0]["loss_steps"]
+    demo = demo_model_settings()
+    rank, unet_lr, text_lr = demo["lora_rank"], float(demo["learning_rate"]), float(demo["text_encoder_lr"])
     lines = [
-        "The demo's fit (rank 4, alpha 4, learning rates 1e-3 / 5e-4 for UNet / text encoder, or 4x those where the "
-        "row says so) with `model.adapter` set and one of "
+        f"The demo's fit (configs/demo.yaml: rank {rank}, alpha {rank}, learning rates {unet_lr:g} / {text_lr:g} for "
+        f"UNet / text encoder, or 4x those ({4 * unet_lr:g} / {4 * text_lr:g}) where the row says so), {args.steps} "
+        "steps (the demo runs more), with `model.adapter` set and one of "
         "the 5 photos held out (`data.holdout 1`). Toy metrics at the last validation (DINO, CLIP-I, CLIP-T higher is "
         "better, PRES lower); val/loss on the held-out photo at steps " + ", ".join(map(str, steps)) + " (step 0: the "
         "base model, the same for every row of a seed). params: trained weights. s: wall time of the fit with its "

@@ -5,14 +5,15 @@
 
 Subjects (``datamodules.toy_subject.ToyLook``, 5 photos each at the toy model's 32 px, drawn like the demo subject:
 same positions, sizes and backgrounds, another ball): ``checker`` (the demo's teal-and-orange checkered ball with a
-yellow star), ``bee`` (yellow-and-black stripes, no emblem), ``berry`` (plain purple with a white dot) and ``candy``
-(red-and-white checks with a blue star). Every subject is "a sks ball"; the class images ("a ball", made once by the
+yellow star, checks as wide as the ball's radius), ``bee`` (yellow-and-black stripes, no emblem), ``berry`` (plain
+purple with a white dot) and ``candy`` (red-and-white checks, no emblem). Every subject is "a sks ball"; the class images ("a ball", made once by the
 base model) are shared.
 
 Rows: ``ceiling`` (each subject's photos against each other, as ``bench/toy_ceiling.py``'s "real vs real": DINO,
 CLIP-I, and DIV = 1 - their mean pairwise DINO cosine, the offline DIV's distance), ``base`` (the ``lora`` run's
 validation at step 0: the base model), and one trained row per recipe: the demo's fit (``configs/demo.yaml`` through
-the CLI, ``bench.common.toy_fit``: LoRA rank 4 on UNet + text encoder, prior preservation) with that recipe switched
+the CLI, ``bench.common.toy_fit``: the demo's LoRA rank and learning rates on UNet + text encoder, prior
+preservation; ``--steps`` steps, 120 by default, where the demo runs ``trainer.max_steps``) with that recipe switched
 on. ``full`` is full UNet fine-tuning at 2e-4 (``bench/toy_effect.py``'s), ``loha 4x`` LoHa at 4x the demo's rates
 (its better rate in ``bench/toy_adapters.py``), ``lokr 4x`` likewise, ``adafactor`` at the demo's rates, ``lion`` at a
 third of them with beta2 0.99 and 3x the weight decay (the usual Lion settings). ``prodigy`` (learning rate 1.0, beta2
@@ -33,11 +34,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, toy_bench_parser, toy_fit, write_report  # noqa: E402
+from bench.common import demo_rates, machine, toy_bench_parser, toy_fit, write_report  # noqa: E402
 from datamodules.toy_subject import TOY_SUBJECTS  # noqa: E402
 
 SUBJECTS = TOY_SUBJECTS  # drawn like the demo subject (datamodules.toy_subject)
-FAST = ("--model.learning_rate=4e-3", "--model.text_encoder_lr=2e-3")  # 4x the demo's rates
+FAST = demo_rates(4)  # 4x the demo's rates (configs/demo.yaml)
 ROWS = {
     "lora": (),
     "full": ("--model.use_lora=false", "--model.train_text_encoder=false", "--model.learning_rate=2e-4"),
@@ -52,8 +53,7 @@ ROWS = {
     "adafactor": ("--model.optimizer=adafactor",),
     "lion": (
         "--model.optimizer=lion",
-        "--model.learning_rate=3e-4",
-        "--model.text_encoder_lr=1.5e-4",
+        *demo_rates(1 / 3),
         "--model.adam_beta2=0.99",
         "--model.adam_weight_decay=3e-2",
     ),

@@ -84,3 +84,22 @@ def test_prodigy_row_without_its_package_stops_before_any_fit(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--rows", "lora", "prodigy"])
     assert stop.value.code == 2 and "pip install prodigyopt" in capsys.readouterr().err
+
+
+def test_the_4x_rows_follow_the_demos_rates():
+    import yaml
+
+    from bench.common import ROOT
+    from bench.toy_adapters import FAST
+
+    model = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]
+    rates = {a.split("=")[0]: float(a.split("=")[1]) for a in ROWS["loha 4x"] if "_lr" in a or "learning_rate" in a}
+    assert rates == pytest.approx(
+        {
+            "--model.learning_rate": 4 * float(model["learning_rate"]),
+            "--model.text_encoder_lr": 4 * float(model["text_encoder_lr"]),
+        }
+    )
+    assert tuple(FAST) == tuple(a for a in ROWS["lokr 4x"] if a.startswith("--model.") and "adapter" not in a)
+    lion = {a.split("=")[0]: float(a.split("=")[1]) for a in ROWS["lion"] if "_lr" in a or "learning_rate" in a}
+    assert lion["--model.learning_rate"] == pytest.approx(float(model["learning_rate"]) / 3, rel=1e-3)
