@@ -3,25 +3,23 @@
     python bench/toy_concepts.py [--steps 200] [--seeds 0] [--out bench/results/cpu_toy_concepts.md]
 
 Concept "sks" is the demo subject (``datamodules.toy_subject``: a teal-and-orange checkered ball with a yellow star, 5
-photos at 32 px); concept "zwx" is the same drawings with the ball's colours permuted (red, green, blue -> blue, red,
+photos at 32 px); concept "ohwx" is the same drawings with the ball's colours permuted (red, green, blue -> blue, red,
 green: a purple-and-green ball with a cyan star, walls and floors untouched), so the two differ only in the subject's
 look. One demo fit (``configs/demo.yaml`` through the CLI, LoRA of the demo's rank 16, prior preservation on the shared
-"a ball" class images) trains both, "a sks ball" and "a zwx ball". Then "a sks ball" and "a zwx ball" are rendered (8
-images each, fixed seeds) and scored with toy DINO against each subject's photos: each identifier's renders should be
-closer to its own photos than to the other's. At rank 4 (the demo's before, with 1e-3 and the old subject's finer
-checks) the second identifier's renders were not (bench/results/cpu_toy_concepts_variants.md);
-``--fit-option=--model.lora_rank=4`` runs that rank.
+"a ball" class images) trains both, "a sks ball" and "a ohwx ball". Then both prompts are rendered (8 images each,
+fixed seeds) and scored with toy DINO against each subject's photos: each identifier's renders should be closer to its
+own photos than to the other's.
 
-Measured (bench/results/cpu_toy_concepts.md, seeds 0-2, 200 steps; cpu_toy_concepts_360steps.md, 360): with the
-subject and demo recipe of issue 15 "a sks ball" renders are closer to the sks photos on every seed, "a zwx ball"
-renders to the zwx photos on seed 0 only (at 360 steps too). With 32 renders a prompt instead of 8
-(cpu_toy_concepts_32renders.md) on no seed (zwx own minus other: -0.007, -0.210, -0.175).
+Measured (bench/results/cpu_toy_concepts.md, seeds 0-2, 200 steps, the subject and demo recipe of issue 15): both
+identifiers' renders are closer to their own photos on every seed. Both identifiers are single CLIP tokens, as
+practitioners pick them; with ``--second zwx`` (two tokens, ``z`` + ``wx``) the second identifier's renders looked like
+the first subject on seeds 1-2 (cpu_toy_concepts_zwx.md, cpu_toy_concepts_360steps.md, cpu_toy_concepts_32renders.md,
+cpu_toy_concepts_lr1e-3.md: 360 steps, 32 renders a prompt and 1e-3 did not change that).
 
-The variants of the investigation (bench/results/cpu_toy_concepts_variants.md) change one thing each:
-``--second ohwx`` (the second identifier: ``zwx`` is two CLIP tokens, ``z`` + ``wx``; ``ohwx`` one, as ``sks``),
-``--look bee`` (the second subject a toy DreamBench ball of a clearly different look: ``bench/toy_dreambench.py``'s
-yellow-and-black striped ball without an emblem, drawn with the same random draws), and ``--fit-option`` (any CLI
-option for the fit, e.g. ``--fit-option=--data.with_prior_preservation=false``).
+Options for variants: ``--second`` (the second identifier), ``--look bee`` (the second subject a toy DreamBench ball of
+another look, drawn with the same random draws), and ``--fit-option`` (any CLI option for the fit, e.g.
+``--fit-option=--data.with_prior_preservation=false``); bench/results/cpu_toy_concepts_variants.md holds the variants
+measured on the subject and recipe before issue 15.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ from PIL import Image  # noqa: E402
 from bench.common import toy_bench_parser, toy_fit, write_report  # noqa: E402
 from bench.toy_buckets import subject_dino  # noqa: E402
 
-NAMES = ("sks", "zwx")
+NAMES = ("sks", "ohwx")  # single CLIP tokens both
 
 
 def draw_two_subjects(
@@ -80,7 +78,7 @@ def measure(
     steps: int,
     seeds: list[int],
     num_images: int = 8,
-    second: str = "zwx",
+    second: str = NAMES[1],
     look: str = "permuted",
     fit_options: tuple[str, ...] = (),
 ) -> list[dict]:
@@ -116,7 +114,7 @@ def measure(
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = toy_bench_parser(__doc__, steps=200)
     parser.add_argument("--images", type=int, default=8, help="renders per prompt")
-    parser.add_argument("--second", default="zwx", help="the second subject's identifier (default zwx)")
+    parser.add_argument("--second", default=NAMES[1], help=f"the second subject's identifier (default {NAMES[1]})")
     parser.add_argument(
         "--look", default="permuted", help="the second subject: permuted (default) or bee, berry, candy"
     )

@@ -10,7 +10,7 @@ from PIL import Image
 
 from bench.toy_buckets import draw_wide_subject
 from bench.toy_captions import COLOURS, draw_subject_on_walls
-from bench.toy_concepts import draw_two_subjects
+from bench.toy_concepts import NAMES, draw_two_subjects
 from bench.toy_masks import draw_subject_on_striped_wall
 from datamodules.images import list_images
 from datamodules.toy_subject import ORANGE, TEAL, YELLOW, draw_toy_image, draw_toy_photo_and_mask
@@ -55,7 +55,7 @@ def test_wide_photos_have_the_ball_near_an_edge_where_a_square_crop_cuts_it_off(
 
 def test_two_subjects_differ_only_on_the_ball(tmp_path):
     folders = draw_two_subjects(tmp_path)
-    a, b = (np.asarray(Image.open(folders[n] / "toy_00.png")).astype(int) for n in ("sks", "zwx"))
+    a, b = (np.asarray(Image.open(folders[n] / "toy_00.png")).astype(int) for n in NAMES)
     changed = np.abs(a - b).sum(axis=2) > 30
     assert 0.05 < changed.mean() < 0.5 and not changed[0].any()  # the ball; the wall's top row untouched
 
