@@ -11,9 +11,10 @@ from PIL import Image
 from bench.toy_buckets import draw_wide_subject
 from bench.toy_captions import COLOURS, draw_subject_on_walls
 from bench.toy_concepts import NAMES, draw_two_subjects
-from bench.toy_masks import draw_subject_on_striped_wall
+from bench.toy_masks import draw_subject_on_one_wall
 from datamodules.images import list_images
 from datamodules.toy_subject import ORANGE, TEAL, YELLOW, draw_toy_image, draw_toy_photo_and_mask
+from datamodules.toy_world import WALLS
 
 
 def test_plain_drawing_is_unchanged_and_the_mask_covers_the_ball():
@@ -25,13 +26,14 @@ def test_plain_drawing_is_unchanged_and_the_mask_covers_the_ball():
     assert (np.abs(teal.astype(int) - (0, 150, 150)).sum(axis=1) < 60).mean() > 0.2
 
 
-def test_striped_wall_photos_have_masks_and_stripes(tmp_path):
-    draw_subject_on_striped_wall(tmp_path / "masked", masks=True)
+def test_one_wall_photos_have_masks_and_the_plain_light_blue_wall(tmp_path):
+    draw_subject_on_one_wall(tmp_path / "masked", masks=True)
     photos = list_images(tmp_path / "masked")
     assert len(photos) == 5 and all(p.with_name(f"{p.stem}_mask.png").is_file() for p in photos)
-    top_row = np.asarray(Image.open(photos[0]))[0].astype(int)  # (W, 3): across the stripes
-    assert top_row.std(axis=0).max() > 10
-    draw_subject_on_striped_wall(tmp_path / "plain", masks=False)
+    for photo in photos:
+        top_row = np.asarray(Image.open(photo))[0].astype(int)  # (W, 3): the wall above the ball
+        assert (np.abs(top_row - WALLS["light blue"]).sum(axis=1) < 20).all()
+    draw_subject_on_one_wall(tmp_path / "plain", masks=False)
     assert not list((tmp_path / "plain").glob("*_mask.png"))
 
 
