@@ -205,17 +205,17 @@ def toy_fit(tmp_path: Path, subject: Path, class_dir: Path, *overrides: str, ste
     return cli, rows
 
 
-def demo_model_settings() -> dict[str, Any]:
-    """``configs/demo.yaml``'s ``model`` section: the recipe the toy benchmarks fit (their rates scale from it)."""
+def demo_config() -> dict[str, Any]:
+    """``configs/demo.yaml`` as a dict: the recipe the toy benchmarks fit (their steps and rates follow it)."""
     import yaml
 
-    return yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]
+    return yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
 
 
 def demo_rates(factor: float) -> tuple[str, str]:
     """CLI overrides setting the UNet's and the text encoder's learning rates to ``factor`` x ``configs/demo.yaml``'s
     (so "4x the demo's rates" follows the demo when its recipe changes)."""
-    model = demo_model_settings()
+    model = demo_config()["model"]
     return (
         f"--model.learning_rate={float(model['learning_rate']) * factor:.4g}",
         f"--model.text_encoder_lr={float(model['text_encoder_lr']) * factor:.4g}",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import demo_model_settings, demo_rates, toy_bench_parser, toy_fit, write_report  # noqa: E402
+from bench.common import demo_config, demo_rates, toy_bench_parser, toy_fit, write_report  # noqa: E402
 
 ADAPTERS = ("lora", "dora", "loha", "lokr")
 FAST = demo_rates(4)  # 4x the demo's rates (configs/demo.yaml)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     rows = measure(args.steps, args.seeds)
     steps = rows[0]["loss_steps"]
-    demo = demo_model_settings()
+    demo = demo_config()["model"]
     rank, unet_lr, text_lr = demo["lora_rank"], float(demo["learning_rate"]), float(demo["text_encoder_lr"])
     lines = [
         f"The demo's fit (configs/demo.yaml: rank {rank}, alpha {rank}, learning rates {unet_lr:g} / {text_lr:g} for "

@@ -5,8 +5,8 @@
 Each run is ``configs/demo.yaml`` as shipped through the CLI (its steps unless ``--steps``; validation at step 0 and at
 the end), LoRA (the demo) and full UNet fine-tuning (at 2e-4), one seed each. Printed: toy DINO and CLIP-I of the
 subject-prompt renders before and after, and the DINO after as a share of the subject's photos against each other
-(the ceiling, ``bench/toy_ceiling.py``'s real-vs-real row, computed here the same way). Issue 15 asks the demo's LoRA
-for at least 60 % of it on every seed.
+(the ceiling: ``bench/toy_ceiling.py``'s real-vs-real row, by ``bench.toy_dreambench.ceiling``). Issue 15 asks the
+demo's LoRA for at least 60 % of it on every seed.
 """
 
 from __future__ import annotations
@@ -18,26 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-
-from bench.common import ROOT, machine, toy_bench_parser, toy_fit  # noqa: E402
+from bench.common import demo_config, machine, toy_bench_parser, toy_fit  # noqa: E402
+from bench.toy_dreambench import ceiling  # noqa: E402
 
 MODES = {
     "lora": ["--model.use_lora=true"],
     "full": ["--model.use_lora=false", "--model.train_text_encoder=false", "--model.learning_rate=2e-4"],
 }
-DEMO_STEPS = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["trainer"]["max_steps"]
-
-
-def ceiling(subject: Path) -> float:
-    """The subject's photos against each other (distinct pairs), toy DINO: bench/toy_ceiling.py's real-vs-real row."""
-    from bench.toy_ceiling import _stack, mean_similarity
-    from datamodules.images import list_images, load_image
-    from metrics.encoders import TOY_DINO, load_dino
-
-    photos = _stack([load_image(p) for p in list_images(subject)])
-    dino = load_dino(TOY_DINO)
-    return mean_similarity(dino(photos), dino(photos), distinct=True)
+DEMO_STEPS = demo_config()["trainer"]["max_steps"]
 
 
 def main() -> None:
@@ -54,7 +42,7 @@ def main() -> None:
         tmp = Path(tmp)
         subject, class_dir = tmp / "subject", tmp / "class"
         draw_toy_subject(subject, num_images=5, resolution=32, seed=0)
-        real = ceiling(subject)
+        real = ceiling(subject)["dino"]  # the real-vs-real row
         table = [
             f"Ceiling: the subject's 5 photos against each other, toy DINO {real:.3f}.",
             "",

@@ -61,17 +61,18 @@ CONCEPT_SEEDS = (0, 1, 2)
 
 @pytest.fixture(scope="module")
 def concept_runs():
+    """Per seed, the rows of "a sks ball" and of the second identifier's prompt."""
     rows = toy_concepts.measure(steps=200, seeds=list(CONCEPT_SEEDS))
-    return {seed: {r["prompt"]: r for r in rows if r["seed"] == seed} for seed in CONCEPT_SEEDS}
+    by_prompt = {(r["seed"], r["prompt"]): r for r in rows}
+    second = f"a {toy_concepts.NAMES[1]} ball"
+    return {seed: (by_prompt[seed, "a sks ball"], by_prompt[seed, second]) for seed in CONCEPT_SEEDS}
 
 
 @pytest.mark.slow
 def test_each_identifier_renders_its_own_subject(concept_runs):
-    second = f"a {toy_concepts.NAMES[1]} ball"
-    for seed, rows in concept_runs.items():
-        first, other = rows["a sks ball"], rows[second]
-        assert first["sks"] > first["other"] + FIRST_OWN_GAP, (seed, rows)
-        assert other["other"] > other["sks"] + SECOND_OWN_GAP, (seed, rows)
+    for seed, (first, other) in concept_runs.items():
+        assert first["sks"] > first["other"] + FIRST_OWN_GAP, (seed, first, other)
+        assert other["other"] > other["sks"] + SECOND_OWN_GAP, (seed, first, other)
 
 
 @pytest.mark.slow
@@ -82,11 +83,9 @@ def test_each_identifier_renders_its_own_subject(concept_runs):
     "than the ohwx renders do on seeds 0-1 (bench/results/cpu_toy_concepts.md)",
 )
 def test_each_subjects_photos_are_closest_to_its_own_identifiers_renders(concept_runs):
-    second = f"a {toy_concepts.NAMES[1]} ball"
-    for seed, rows in concept_runs.items():
-        first, other = rows["a sks ball"], rows[second]
-        assert first["sks"] > other["sks"] + SEPARATION, (seed, rows)
-        assert other["other"] > first["other"] + SEPARATION, (seed, rows)
+    for seed, (first, other) in concept_runs.items():
+        assert first["sks"] > other["sks"] + SEPARATION, (seed, first, other)
+        assert other["other"] > first["other"] + SEPARATION, (seed, first, other)
 
 
 # bench/toy_captions.py has no test here: per-photo captions naming the wall gave more wall control than the instance
