@@ -1,25 +1,25 @@
-"""Per-image captions on the toy world: do captions that name each photo's wall let the prompt change the wall?
+"""Per-image captions on the toy world: does a caption that names each photo's wall let the prompt change the wall?
 
-Measured (bench/results/cpu_toy_captions.md, seeds 0-2, 120 steps; cpu_toy_captions_360steps.md, 360): the captions
-gave more wall control on average (0.301 against 0.219; at 360 steps 0.243 against 0.203) but not on every seed (seed
-1: -0.001 at 120 steps, +0.005 at 360).
+    python bench/toy_captions.py [--steps 360] [--seeds 0] [--walls "light blue"] [--images 16]
+                                 [--out bench/results/cpu_toy_captions.md]
 
-    python bench/toy_captions.py [--steps 120] [--seeds 0] [--out bench/results/cpu_toy_captions.md]
+The demo subject's photos (``datamodules.toy_subject``, 5 at 32 px, the same draws as the demo) are drawn on plain walls
+of the toy world: by default all on the plain light blue wall of bench/toy_masks.py, a wall the base model seldom draws
+for "a sks ball"; ``--walls`` cycles the photos over several. One run trains every photo on the instance prompt
+("a sks ball"); the other gives each photo its caption, ``photo.txt``: "a {identifier} ball, plain <its wall> wall".
+Everything else is the demo's fit (``configs/demo.yaml`` through the CLI, its steps by default). Then each model
+renders "a sks ball, plain <colour> wall" for each of the world's five plain wall colours (``--images`` renders each,
+seeds 0..N-1), scored with the toy CLIP:
 
-The demo subject's photos (``datamodules.toy_subject``, 5 at 32 px, the same draws as the demo) are each drawn on a
-plain wall of another toy-world colour. One run trains every photo on the instance prompt ("a sks ball"); the other
-gives each photo its caption, ``photo.txt``: "a {identifier} ball, plain <colour> wall". Everything else is the demo's
-fit (``configs/demo.yaml`` through the CLI). Then each model renders "a sks ball, plain <colour> wall" for every
-colour (4 images each, fixed seeds), scored with the toy CLIP:
-
-- wall control: for the renders of each colour, the similarity to "a ball, plain <colour> wall" minus the mean
-  similarity to the other colours' texts, averaged over colours (higher: the prompt sets the wall);
-- DINO: the run's last validation val/dino (the subject is learnt either way).
+- wall control of a colour: the renders' similarity to "a ball, plain <colour> wall" minus their mean similarity to
+  the four other colours' texts (higher: the prompt sets the wall). Reported averaged over the colours no photo was
+  drawn on ("other walls": what the captions are for, rendering the subject somewhere new) and over all five; the
+  base model's (the LoRA at scale 0) for reference;
+- DINO: the run's val/dino before and after (renders of the instance prompt against the photos).
 """
 
 from __future__ import annotations
 
-import random
 import sys
 import tempfile
 import time
@@ -29,44 +29,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import on_off_fits, toy_bench_parser, write_report  # noqa: E402
+from bench.common import demo_config, on_off_fits, toy_bench_parser, write_report  # noqa: E402
+from bench.toy_masks import WALL, draw_subject_on_walls  # noqa: E402
 
-COLOURS = ("white", "gray", "pink", "light blue", "beige")  # the toy world's wall colours, one per photo
-
-
-def draw_subject_on_walls(folder: Path, captions: bool, resolution: int = 32) -> None:
-    from datamodules.images import save_image_atomic
-    from datamodules.toy_subject import draw_toy_photo_and_mask
-    from datamodules.toy_world import WALLS
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, colour in enumerate(COLOURS):
-        photo, _ = draw_toy_photo_and_mask(resolution, random.Random(i), wall=WALLS[colour])
-        save_image_atomic(photo, folder / f"toy_{i:02d}.png")
-        if captions:
-            (folder / f"toy_{i:02d}.txt").write_text(f"a {{identifier}} ball, plain {colour} wall\n", encoding="utf-8")
+COLOURS = ("white", "gray", "pink", "light blue", "beige")  # the toy world's wall colours (toy_world.WALLS)
 
 
 @torch.no_grad()
-def wall_control(model, identifier: str, clip, num_images: int = 4) -> float:
+def wall_control(model, identifier: str, clip, num_images: int = 16, lora_scale: float = 1.0) -> dict[str, float]:
+    """Per colour, toy CLIP: how much "a <identifier> ball, plain <colour> wall" (``num_images`` renders, seeds
+    0..N-1, the LoRA at ``lora_scale``) looks like that colour's wall rather than the other four."""
     from sd.render.pipeline import build_pipeline
+    from sd.render.sampling import SamplingSettings, render
 
     pipe = build_pipeline(model.sampling_parts())
+    settings = SamplingSettings(guidance_scale=5.0, num_inference_steps=20, lora_scale=lora_scale)
     text = clip.encode_text([f"a ball, plain {c} wall" for c in COLOURS])  # (C, D)
-    margins = []
+    control = {}
     for k, colour in enumerate(COLOURS):
-        g = torch.Generator().manual_seed(1234)
         prompt = f"a {identifier} ball, plain {colour} wall"
-        images = pipe(
-            [prompt] * num_images, num_inference_steps=20, guidance_scale=5.0, generator=g, output_type="pt"
-        ).images  # (N, 3, H, W) in [0, 1]
+        images = render(pipe, [prompt] * num_images, list(range(num_images)), settings, 32, 32)  # (N, 3, 32, 32)
         sims = clip(images) @ text.T  # (N, C)
         others = torch.cat([sims[:, :k], sims[:, k + 1 :]], dim=1).mean(dim=1)
-        margins.append(float((sims[:, k] - others).mean()))
-    return sum(margins) / len(margins)
+        control[colour] = float((sims[:, k] - others).mean())
+    return control
 
 
-def measure(steps: int, seeds: list[int], num_images: int = 4) -> list[dict]:
+def summary(control: dict[str, float], walls: tuple[str, ...]) -> dict[str, float | None]:
+    """The mean control over the colours no photo is on (None when the photos cover all five) and over all five."""
+    other = [v for c, v in control.items() if c not in walls]
+    return {
+        "control_other": sum(other) / len(other) if other else None,
+        "control_all": sum(control.values()) / len(control),
+    }
+
+
+def measure(
+    steps: int, seeds: list[int], walls: tuple[str, ...] = (WALL,), num_images: int = 16, base: bool = True
+) -> list[dict]:
+    """A row per (captions off / on, seed): the wall control summaries, per colour, and val/dino before and after;
+    ``base`` adds the base model's control (the LoRA at scale 0) to the first row."""
     from metrics.encoders import TOY_CLIP, load_clip
 
     clip = load_clip(TOY_CLIP)
@@ -76,43 +78,61 @@ def measure(steps: int, seeds: list[int], num_images: int = 4) -> list[dict]:
 
         def subject(captions: bool) -> Path:
             folder = tmp / ("captioned" if captions else "plain")
-            draw_subject_on_walls(folder, captions)
+            draw_subject_on_walls(folder, captions=captions, walls=walls)
             return folder
 
         for captions, seed, cli, val in on_off_fits(tmp, seeds, steps, subject):
-            rows.append(
-                {
-                    "captions": captions,
-                    "seed": seed,
-                    "control": wall_control(cli.model, cli.datamodule.hparams.identifier, clip, num_images),
-                    "dino_before": float(val[0]["val/dino"]),
-                    "dino": float(val[steps]["val/dino"]),
-                }
-            )
+            identifier = cli.datamodule.hparams.identifier
+            control = wall_control(cli.model, identifier, clip, num_images)
+            row = {
+                "captions": captions,
+                "seed": seed,
+                **summary(control, walls),
+                "per_colour": control,
+                "dino_before": float(val[0]["val/dino"]),
+                "dino": float(val[steps]["val/dino"]),
+            }
+            if base and not rows:
+                row["base"] = summary(wall_control(cli.model, identifier, clip, num_images, lora_scale=0.0), walls)
+            rows.append(row)
     return rows
 
 
+def _number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = toy_bench_parser(__doc__)
-    parser.add_argument("--images", type=int, default=4, help="renders per wall colour per run")
+    parser = toy_bench_parser(__doc__, steps=demo_config()["trainer"]["max_steps"])
+    parser.add_argument("--walls", nargs="+", choices=COLOURS, default=[WALL], help="the photos' walls, cycled")
+    parser.add_argument("--images", type=int, default=16, help="renders per wall colour per run")
     args = parser.parse_args(argv)
+    walls = tuple(args.walls)
     start = time.perf_counter()
-    rows = measure(args.steps, args.seeds, args.images)
+    rows = measure(args.steps, args.seeds, walls, args.images)
+    base = rows[0]["base"]
     lines = [
-        f"wall control: toy CLIP, {args.images} renders of 'a sks ball, plain <colour> wall' per colour, similarity to "
-        "'a ball, plain <colour> wall' minus the mean to the other colours (higher: the prompt sets the wall); "
-        "DINO: val/dino before and after.",
+        f"The photos' walls: {', '.join(walls)}. Wall control (toy CLIP, {args.images} renders of 'a sks ball, plain "
+        "<colour> wall' per colour: similarity to 'a ball, plain <colour> wall' minus the mean to the four other "
+        "colours; higher: the prompt sets the wall), averaged over the colours no photo is on ('other walls') and over "
+        f"all five. The base model (LoRA scale 0): {_number(base['control_other'])} other walls, "
+        f"{_number(base['control_all'])} all five. DINO: val/dino before and after.",
         "",
-        "| captions | seed | wall control | DINO before | DINO after |",
-        "|---|---:|---:|---:|---:|",
+        "| captions | seed | wall control, other walls | wall control, all five | "
+        + " | ".join(COLOURS)
+        + " | DINO before | DINO after |",
+        "|---|---:|---:|---:|" + "---:|" * len(COLOURS) + "---:|---:|",
         *(
-            f"| {'per photo' if r['captions'] else 'instance prompt'} | {r['seed']} | {r['control']:.4f} | "
-            f"{r['dino_before']:.3f} | {r['dino']:.3f} |"
+            f"| {'per photo' if r['captions'] else 'instance prompt'} | {r['seed']} | {_number(r['control_other'])} | "
+            f"{r['control_all']:.3f} | "
+            + " | ".join(f"{r['per_colour'][c]:.3f}" for c in COLOURS)
+            + f" | {r['dino_before']:.3f} | {r['dino']:.3f} |"
             for r in rows
         ),
     ]
     write_report(
-        f"bench/toy_captions.py: the demo subject on 5 wall colours, builtin:toy-sd, {args.steps} steps",
+        f"bench/toy_captions.py: the demo subject on the plain {', '.join(walls)} wall(s), builtin:toy-sd, "
+        f"{args.steps} steps",
         "bench/toy_captions.py",
         argv,
         start,

@@ -46,18 +46,30 @@ def wall_captions() -> list[str]:
     return [target, *(w for w in walls if w != target)]
 
 
-def draw_subject_on_one_wall(folder: Path, masks: bool, num_images: int = 5, resolution: int = 32) -> None:
-    """The demo subject's photos (the same draws as ``draw_toy_subject``), all on one plain light blue wall."""
+def draw_subject_on_walls(
+    folder: Path,
+    masks: bool = False,
+    captions: bool = False,
+    walls: tuple[str, ...] = (WALL,),
+    num_images: int = 5,
+    resolution: int = 32,
+) -> None:
+    """The demo subject's photos (the same draws as ``draw_toy_subject``), photo i on the plain wall ``walls[i %
+    len(walls)]`` (by default all on one plain light blue wall), with its mask (``toy_NN_mask.png``) and with its
+    caption naming that wall (``toy_NN.txt``: "a {identifier} ball, plain <colour> wall") when asked."""
     from datamodules.images import save_image_atomic
     from datamodules.toy_subject import draw_toy_photo_and_mask
     from datamodules.toy_world import WALLS
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(num_images):
-        photo, mask = draw_toy_photo_and_mask(resolution, random.Random(i), wall=WALLS[WALL])
+        wall = walls[i % len(walls)]
+        photo, mask = draw_toy_photo_and_mask(resolution, random.Random(i), wall=WALLS[wall])
         save_image_atomic(photo, folder / f"toy_{i:02d}.png")
         if masks:
             save_image_atomic(mask, folder / f"toy_{i:02d}_mask.png")
+        if captions:
+            (folder / f"toy_{i:02d}.txt").write_text(f"a {{identifier}} ball, plain {wall} wall\n", encoding="utf-8")
 
 
 @torch.no_grad()
@@ -84,7 +96,7 @@ def measure(steps: int, seeds: list[int], num_images: int = 16) -> list[dict]:
 
         def subject(masks: bool) -> Path:
             folder = tmp / ("masked" if masks else "plain")
-            draw_subject_on_one_wall(folder, masks)
+            draw_subject_on_walls(folder, masks=masks)
             return folder
 
         for masks, seed, cli, val in on_off_fits(tmp, seeds, steps, subject):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from bench.toy_buckets import draw_wide_subject
-from bench.toy_captions import COLOURS, draw_subject_on_walls
+from bench.toy_captions import COLOURS, summary
 from bench.toy_concepts import NAMES, draw_two_subjects
-from bench.toy_masks import draw_subject_on_one_wall
+from bench.toy_masks import draw_subject_on_walls
 from datamodules.images import list_images
 from datamodules.toy_subject import ORANGE, TEAL, YELLOW, draw_toy_image, draw_toy_photo_and_mask
 from datamodules.toy_world import WALLS
@@ -27,22 +28,31 @@ def test_plain_drawing_is_unchanged_and_the_mask_covers_the_ball():
 
 
 def test_one_wall_photos_have_masks_and_the_plain_light_blue_wall(tmp_path):
-    draw_subject_on_one_wall(tmp_path / "masked", masks=True)
+    draw_subject_on_walls(tmp_path / "masked", masks=True)
     photos = list_images(tmp_path / "masked")
     assert len(photos) == 5 and all(p.with_name(f"{p.stem}_mask.png").is_file() for p in photos)
     for photo in photos:
         top_row = np.asarray(Image.open(photo))[0].astype(int)  # (W, 3): the wall above the ball
         assert (np.abs(top_row - WALLS["light blue"]).sum(axis=1) < 20).all()
-    draw_subject_on_one_wall(tmp_path / "plain", masks=False)
-    assert not list((tmp_path / "plain").glob("*_mask.png"))
+    draw_subject_on_walls(tmp_path / "plain", masks=False)
+    assert not list((tmp_path / "plain").glob("*_mask.png")) and not list((tmp_path / "plain").glob("*.txt"))
 
 
-def test_wall_photos_are_captioned_with_their_colour(tmp_path):
-    draw_subject_on_walls(tmp_path / "c", captions=True)
-    captions = sorted(p.read_text().strip() for p in (tmp_path / "c").glob("*.txt"))
-    assert captions == sorted(f"a {{identifier}} ball, plain {c} wall" for c in COLOURS)
-    walls = {tuple(np.asarray(Image.open(p))[0, 0]) for p in list_images(tmp_path / "c")}
-    assert len(walls) == 5  # each photo on its own wall colour
+def test_captioned_photos_name_their_own_wall(tmp_path):
+    draw_subject_on_walls(tmp_path / "one", captions=True)
+    captions = {p.read_text(encoding="utf-8").strip() for p in (tmp_path / "one").glob("*.txt")}
+    assert captions == {"a {identifier} ball, plain light blue wall"} and len(list_images(tmp_path / "one")) == 5
+    draw_subject_on_walls(tmp_path / "two", captions=True, walls=("light blue", "gray"))
+    for photo in list_images(tmp_path / "two"):
+        wall = next(c for c, rgb in WALLS.items() if tuple(np.asarray(Image.open(photo))[0, 0]) == rgb)
+        assert photo.with_suffix(".txt").read_text(encoding="utf-8") == f"a {{identifier}} ball, plain {wall} wall\n"
+        assert wall == ("light blue", "gray")[int(photo.stem[-2:]) % 2]
+
+
+def test_wall_control_summary_leaves_out_the_photos_walls():
+    control = {"white": 0.1, "gray": 0.2, "pink": 0.3, "light blue": 0.9, "beige": 0.5}
+    assert summary(control, ("light blue",)) == pytest.approx({"control_other": 0.275, "control_all": 0.4})
+    assert summary(control, COLOURS)["control_other"] is None
 
 
 def test_wide_photos_have_the_ball_near_an_edge_where_a_square_crop_cuts_it_off(tmp_path):
