@@ -21,10 +21,13 @@ from datamodules.toy_subject import draw_toy_subject
 from sd.training.diffusion import encode_latents, fixed_noise_error
 
 # Gains measured over seeds 0-2 (python bench/toy_effect.py, 2026-12-04, configs/demo.yaml's 360 steps): LoRA DINO
-# -0.023 -> 0.634-0.689 (78-84 % of the photos' own 0.817), CLIP-I 0.053 -> 0.35-0.44; full fine-tuning see
-# bench/results/cpu_toy_effect.md. The margins sit well under the smallest gain; the LoRA's DINO must reach 60 % of the
-# ceiling, issue 15's bar for the demo (measured: 78 % at the least).
-MARGINS = {"val/dino": 0.2, "val/clip_i": 0.15}
+# -0.023 -> 0.634-0.689 (78-84 % of the photos' own 0.817), CLIP-I 0.053 -> 0.35-0.44 (bench/results/cpu_toy_effect.md).
+# Full fine-tuning runs a third of the demo's steps, to keep the suite short: at 120 steps DINO -0.023 -> 0.156-0.327,
+# CLIP-I 0.053 -> 0.38-0.49 (cpu_toy_effect_full_120steps.md). The margins sit at about half of the smallest gain or
+# under; the LoRA's DINO must reach 60 % of the ceiling, issue 15's bar for the demo (measured: 78 % at the least).
+LORA_MARGINS = {"val/dino": 0.2, "val/clip_i": 0.15}
+FULL_STEPS = 120
+FULL_MARGINS = {"val/dino": 0.09, "val/clip_i": 0.15}
 DEMO_SHARE_OF_CEILING = 0.6
 
 
@@ -41,19 +44,21 @@ def toy_class_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    "overrides, steps, margins",
     [
-        pytest.param(["--model.use_lora=true"], id="lora"),
+        pytest.param(["--model.use_lora=true"], DEMO_STEPS, LORA_MARGINS, id="lora"),
         pytest.param(
-            ["--model.use_lora=false", "--model.train_text_encoder=false", "--model.learning_rate=2e-4"], id="full"
+            ["--model.use_lora=false", "--model.train_text_encoder=false", "--model.learning_rate=2e-4"],
+            FULL_STEPS,
+            FULL_MARGINS,
+            id="full",
         ),
     ],
 )
-def test_the_subject_appears(overrides, toy_subject, toy_class_dir, tmp_path):
-    steps = DEMO_STEPS
+def test_the_subject_appears(overrides, steps, margins, toy_subject, toy_class_dir, tmp_path):
     cli, rows = toy_fit(tmp_path, toy_subject, toy_class_dir, *overrides, steps=steps)
     assert sorted(rows) == [0, steps]
-    for name, margin in MARGINS.items():
+    for name, margin in margins.items():
         before, after = float(rows[0][name]), float(rows[steps][name])
         assert after > before + margin, f"{name}: {before:.3f} before, {after:.3f} after"
     if "--model.use_lora=true" in overrides:  # the demo: most of the way to the subject's photos
