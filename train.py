@@ -69,6 +69,9 @@ class DreamBoothCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        subcommand = self.config.get("subcommand")
+        if subcommand and trainer.local_rank == 0:  # as prepare_data: once per node
+            self.datamodule.check_inputs(subcommand)  # bad input fails before a W&B run starts
         start_wandb_or_go_offline(trainer.loggers)  # no API key or no network: log offline, with one warning
         return trainer
 

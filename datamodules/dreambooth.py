@@ -308,26 +308,37 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.test_dataset: EvalPromptDataset | None = None
         self.heldout: HeldOutSet | None = None  # built in setup("fit" / "validate") with data.holdout
         self._mask_counts: dict[tuple[Path, ...], int] = {}  # photos -> how many have a mask (checked once)
+        self._checked_stages: set[str] = set()  # check_inputs: the stages whose inputs passed
 
-    def prepare_data(self) -> None:
-        """Check the images and, for ``fit``, generate the missing class images and build the caches (once per node)."""
+    def check_inputs(self, stage: str) -> None:
+        """Fail fast on the user's inputs for ``stage`` (``fit``, ``validate``, ``test``, ``predict``): the base model is
+        one of a family we train, and the photos (with, for ``fit``, their captions, masks and buckets) are readable.
+        Called by train.py before the loggers start, so that bad input starts no W&B run, and by ``prepare_data``;
+        each stage is checked once."""
+        stage = str(getattr(stage, "value", stage))  # a TrainerFn ("fit", ...) or its value
+        if stage in self._checked_stages:
+            return
         hp = self.hparams
-        stage = self.trainer.state.fn if self.trainer is not None else "fit"
         from sd.models.loading import check_model_path  # loads diffusers: not at import
 
         check_model_path(
             hp.pretrained_model_name_or_path, hp.revision
         )  # a model of a family we train, from its configs
-        if stage == "predict" or (stage == "test" and hp.eval_data_dir):
-            return  # renders prompts, or evaluates other subjects: the run's images are not needed
-        for c in self.concepts:
-            option = f"{c.option}.instance_data_dir"
-            images = check_image_folder(c.instance_data_dir, option, min_side=hp.resolution)
-            if stage == "fit":  # bad captions and masks fail here, before class images are made
-                self._instance_captions(c, images, warn=True)
-                self._has_masks(c, images, announce=True)
-                if hp.buckets:  # a photo left with no bucket fails here
-                    self._photo_buckets(c, images, announce=True)
+        if not (stage == "predict" or (stage == "test" and hp.eval_data_dir)):  # else the photos are not needed
+            for c in self.concepts:
+                option = f"{c.option}.instance_data_dir"
+                images = check_image_folder(c.instance_data_dir, option, min_side=hp.resolution)
+                if stage == "fit":  # bad captions and masks fail here, before class images are made
+                    self._instance_captions(c, images, warn=True)
+                    self._has_masks(c, images, announce=True)
+                    if hp.buckets:  # a photo left with no bucket fails here
+                        self._photo_buckets(c, images, announce=True)
+        self._checked_stages.add(stage)
+
+    def prepare_data(self) -> None:
+        """Check the inputs and, for ``fit``, generate the missing class images and build the caches (once per node)."""
+        stage = self.trainer.state.fn if self.trainer is not None else "fit"
+        self.check_inputs(stage)
         if stage == "fit" and not self._distributed():  # under DDP setup() does this, shared by all the ranks
             self._make_class_images(rank=0, world_size=1)
             self._build_caches()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ from core.errors import (
     report_user_errors,
 )
 from core.safe_files import UnsafeCheckpointError
-from datamodules.images import ImageLoadError, ImageTooLargeError
+from datamodules.images import ImageLoadError, ImageTooLargeError, list_images
 from scripts import scale_sweep
 from tests.conftest import ROOT, fit_args
 from train import main
@@ -55,6 +56,22 @@ def test_missing_photo_folder_prints_one_error_and_exits_with_status_2(tmp_path)
     )
 
 
+@pytest.mark.parametrize("bad", ["missing folder", "empty caption"])
+def test_bad_input_fails_before_a_wandb_run_starts(tmp_path, toy_subject_dir, capsys, bad):
+    # The W&B logger of configs/tiny.yaml (offline): a mistyped path or a bad caption must not leave a run behind, nor
+    # an online run in the user's project.
+    photos = tmp_path / "photos"
+    if bad == "empty caption":
+        shutil.copytree(toy_subject_dir, photos)
+        (photos / f"{list_images(photos)[0].stem}.txt").write_text("  \n", encoding="utf-8")
+    args = fit_args(tmp_path / "runs", photos, tmp_path / "class", steps=1)
+    logger = args.index("--trainer.logger=lightning.pytorch.loggers.CSVLogger")
+    args[logger : logger + 3] = ["--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]  # tiny.yaml's W&B
+    assert main(args) == 2
+    assert str(photos) in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "wandb").exists()
+
+
 @pytest.mark.parametrize("how", ["--debug", DEBUG_ENV])
 def test_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys, monkeypatch, how):
     args = _args(tmp_path)
@@ -76,10 +93,10 @@ def test_incompatible_settings_are_a_user_error(tmp_path, capsys):
 
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    def broken(self):
+    def broken(self, stage):
         raise RuntimeError("an internal invariant broke")
 
-    monkeypatch.setattr(datamodules.dreambooth.DreamBoothDataModule, "prepare_data", broken)
+    monkeypatch.setattr(datamodules.dreambooth.DreamBoothDataModule, "check_inputs", broken)  # the first data step
     with pytest.raises(RuntimeError, match="internal invariant"):  # not caught: Python prints it, status 1
         main(_args(tmp_path))
 
