@@ -248,13 +248,16 @@ def latent_cache(
     if masks is not None:  # likewise: without masks the key stays what it was
         description["masks"] = list(masks.keys)
     key = cache_key(description)
+    size = f"{bucket[1]}x{bucket[0]}" if bucket is not None else f"{resolution}x{resolution}"  # width x height
     cached = load_cache(cache_dir, "latents", key)
     if cached is not None and (masks is None or "mask" in cached):
-        log.info("Latent cache hit: %d images from %s.", len(images), cache_dir)
+        log.info("Latent cache hit: %d images at %s from %s.", len(images), size, cache_dir)
         return LatentTable(cached["mean"], cached["std"], cached.get("mask"))
     from sd.models.loading import load_parts
 
-    log.info("Building the latent cache: encoding %d images%s once.", len(images), " (and flipped)" * random_flip)
+    log.info(
+        "Building the latent cache: encoding %d images at %s%s once.", len(images), size, " (and flipped)" * random_flip
+    )
     model = load_parts(pretrained_model_name_or_path, ["vae"], revision, variant, single_file_config, vae)["vae"]
     model = model.to(_pick_device(device)).eval()
     table = encode_latent_table(model, images, resolution, random_flip, bucket=bucket)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,10 @@ def test_train_py_runs_as_a_script(run_args):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Exported trained weights to" in result.stdout + result.stderr
+    # The project's INFO messages show on the command line (core.console), here the latent cache's; Python alone
+    # would show warnings only.
+    cache = r"(Building the latent cache: encoding|Latent cache hit:) \d+ images at 64x64"
+    assert re.search(cache, result.stderr), result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("overlay", sorted((ROOT / "configs" / "strategies").glob("*.yaml")), ids=lambda p: p.name)
