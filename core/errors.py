@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from core.console import show_info_messages
+from core.console import set_up_console
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "DREAMBOOTH_DEBUG"
@@ -78,14 +78,14 @@ def report_user_errors(main: Callable[[list[str] | None], Any], argv: list[str] 
     ``--debug`` is taken out of the arguments before ``main`` sees them. With ``argv=None`` (the command line) it is
     taken out of ``sys.argv`` itself, which LightningCLI reads, and sets ``DREAMBOOTH_DEBUG=1``, which the processes
     that DDP launches (the same command line, again) inherit; the command line also shows this project's INFO
-    messages (:func:`core.console.show_info_messages`).
+    messages and not the warnings that do not apply (:func:`core.console.set_up_console`).
     """
     from_command_line = argv is None
     args = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in args or debug_from_env()
     args = [a for a in args if a != DEBUG_FLAG]
     if from_command_line:
-        show_info_messages()
+        set_up_console()
         sys.argv[1:] = args
         if debug:
             os.environ[DEBUG_ENV] = "1"

@@ -504,8 +504,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
         if announce:
             counts = {b: found.count(b) for b in sorted(set(found))}
             shown = ", ".join(f"{w}x{h} ({n})" for (h, w), n in counts.items())
-            log.info("data.buckets: %s: %d photos in %d buckets (width x height): %s.", option, len(found),
-                     len(counts), shown)  # fmt: skip
+            log.info("data.buckets: %s: %d photos in %d bucket%s (width x height): %s.", option, len(found),
+                     len(counts), "s" * (len(counts) > 1), shown)  # fmt: skip
         return found
 
     def _holdout_split(self, images: list[Path]) -> tuple[list[Path], list[Path], bool]:

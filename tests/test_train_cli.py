@@ -118,9 +118,11 @@ def test_train_py_runs_as_a_script(run_args):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Exported trained weights to" in result.stdout + result.stderr
     # The project's INFO messages show on the command line (core.console), here the latent cache's; Python alone
-    # would show warnings only.
+    # would show warnings only. The libraries' warnings that do not apply to a run, and Lightning's advert, do not.
     cache = r"(Building the latent cache: encoding|Latent cache hit:) \d+ images at 64x64"
     assert re.search(cache, result.stderr), result.stderr[-3000:]
+    for noise in ("in eval mode at the start of training", "smaller than the logging interval", "LeafSpec", "Tip:"):
+        assert noise not in result.stderr + result.stdout, noise
 
 
 @pytest.mark.parametrize("overlay", sorted((ROOT / "configs" / "strategies").glob("*.yaml")), ids=lambda p: p.name)
