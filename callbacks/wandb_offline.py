@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
@@ -21,6 +22,11 @@ def start_wandb_or_go_offline(loggers: Iterable[Any]) -> bool:
     for logger in loggers:
         if not isinstance(logger, WandbLogger):
             continue
+        init = getattr(logger, "_wandb_init", {})  # the arguments the logger passes to wandb.init
+        if "anonymous" in init and init["anonymous"] is None:
+            del init["anonymous"]  # Lightning passes anonymous=None, which wandb warns has no effect at every start
+        if logger.save_dir:  # wandb looks for the git repository from there: a missing folder is a warning
+            Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
         try:
             _ = logger.experiment  # wandb.init; a no-op on ranks other than 0
         except Exception as e:  # wandb raises UsageError (no key), CommError (unreachable), and others

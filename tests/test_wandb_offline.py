@@ -70,3 +70,14 @@ def test_offline_mode_is_left_alone(wandb_env, monkeypatch):
         warnings.simplefilter("always")
         assert not start_wandb_or_go_offline([WandbLogger(save_dir=str(wandb_env))])
     assert not _ours(caught)
+
+
+def test_no_warnings_about_the_anonymous_setting_or_the_git_root(wandb_env, monkeypatch, capfd):
+    # Lightning's WandbLogger passes anonymous=None to wandb.init, which wandb warns has no effect; and wandb warns
+    # when the logger's folder, where it looks for the git repository, does not exist yet. Both at every start.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    save_dir = wandb_env / "runs" / "demo"
+    assert not start_wandb_or_go_offline([WandbLogger(save_dir=str(save_dir))])
+    assert _offline_runs(save_dir)
+    out = capfd.readouterr()
+    assert "anonymous" not in out.err + out.out and "git root" not in out.err + out.out
