@@ -212,6 +212,11 @@ def demo_config() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
 
 
+def demo_steps() -> int:
+    """``configs/demo.yaml``'s ``trainer.max_steps``: how long the demo trains."""
+    return int(demo_config()["trainer"]["max_steps"])
+
+
 def demo_rates(factor: float) -> tuple[str, str]:
     """CLI overrides setting the UNet's and the text encoder's learning rates to ``factor`` x ``configs/demo.yaml``'s
     (so "4x the demo's rates" follows the demo when its recipe changes)."""

@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import demo_config, on_off_fits, toy_bench_parser, write_report  # noqa: E402
+from bench.common import demo_steps, on_off_fits, toy_bench_parser, write_report  # noqa: E402
 from bench.toy_masks import WALL, draw_subject_on_walls  # noqa: E402
+from datamodules.toy_world import WALLS  # noqa: E402
 
-COLOURS = ("white", "gray", "pink", "light blue", "beige")  # the toy world's wall colours (toy_world.WALLS)
+COLOURS = tuple(WALLS)  # the toy world's wall colours
 
 
 @torch.no_grad()
@@ -103,7 +104,7 @@ def _number(x: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = toy_bench_parser(__doc__, steps=demo_config()["trainer"]["max_steps"])
+    parser = toy_bench_parser(__doc__, steps=demo_steps())
     parser.add_argument("--walls", nargs="+", choices=COLOURS, default=[WALL], help="the photos' walls, cycled")
     parser.add_argument("--images", type=int, default=16, help="renders per wall colour per run")
     args = parser.parse_args(argv)

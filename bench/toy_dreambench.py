@@ -6,8 +6,8 @@
 Subjects (``datamodules.toy_subject.ToyLook``, 5 photos each at the toy model's 32 px, drawn like the demo subject:
 same positions, sizes and backgrounds, another ball): ``checker`` (the demo's teal-and-orange checkered ball with a
 yellow star, checks as wide as the ball's radius), ``bee`` (yellow-and-black stripes, no emblem), ``berry`` (plain
-purple with a white dot) and ``candy`` (red-and-white checks, no emblem). Every subject is "a sks ball"; the class images ("a ball", made once by the
-base model) are shared.
+purple with a white dot) and ``candy`` (red-and-white checks, no emblem). Every subject is "a sks ball"; the class
+images ("a ball", made once by the base model) are shared.
 
 Rows: ``ceiling`` (each subject's photos against each other, as ``bench/toy_ceiling.py``'s "real vs real": DINO,
 CLIP-I, and DIV = 1 - their mean pairwise DINO cosine, the offline DIV's distance), ``base`` (the ``lora`` run's

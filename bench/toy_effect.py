@@ -18,18 +18,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import demo_config, machine, toy_bench_parser, toy_fit  # noqa: E402
+from bench.common import demo_steps, machine, toy_bench_parser, toy_fit  # noqa: E402
 from bench.toy_dreambench import ceiling  # noqa: E402
 
 MODES = {
     "lora": ["--model.use_lora=true"],
     "full": ["--model.use_lora=false", "--model.train_text_encoder=false", "--model.learning_rate=2e-4"],
 }
-DEMO_STEPS = demo_config()["trainer"]["max_steps"]
 
 
 def main() -> None:
-    parser = toy_bench_parser(__doc__, steps=DEMO_STEPS, seeds=[0, 1, 2])
+    parser = toy_bench_parser(__doc__, steps=demo_steps(), seeds=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     args = parser.parse_args()
     from datamodules.toy_subject import draw_toy_subject

@@ -311,11 +311,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self._checked_stages: set[str] = set()  # check_inputs: the stages whose inputs passed
 
     def check_inputs(self, stage: str) -> None:
-        """Fail fast on the user's inputs for ``stage`` (``fit``, ``validate``, ``test``, ``predict``): the base model is
-        one of a family we train, and the photos (with, for ``fit``, their captions, masks and buckets) are readable.
-        Called by train.py before the loggers start, so that bad input starts no W&B run, and by ``prepare_data``;
+        """Fail fast on the user's inputs for ``stage`` (``fit``, ``validate``, ``test``, ``predict``, or the TrainerFn
+        that equals it): the base model is one of a family we train, and the photos (with, for ``fit``, their captions,
+        masks and buckets) are readable. Called by train.py before the loggers start, so that bad input starts no W&B run, and by ``prepare_data``;
         each stage is checked once."""
-        stage = str(getattr(stage, "value", stage))  # a TrainerFn ("fit", ...) or its value
         if stage in self._checked_stages:
             return
         hp = self.hparams

@@ -87,12 +87,10 @@ def test_prodigy_row_without_its_package_stops_before_any_fit(capsys):
 
 
 def test_the_4x_rows_follow_the_demos_rates():
-    import yaml
-
-    from bench.common import ROOT
+    from bench.common import demo_config
     from bench.toy_adapters import FAST
 
-    model = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]
+    model = demo_config()["model"]
     rates = {a.split("=")[0]: float(a.split("=")[1]) for a in ROWS["loha 4x"] if "_lr" in a or "learning_rate" in a}
     assert rates == pytest.approx(
         {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from bench import toy_buckets, toy_captions, toy_concepts, toy_masks
-from bench.common import demo_config
+from bench.common import demo_steps
 
 # bench/results/cpu_toy_masks.md (seeds 0-2, 120 steps, the demo recipe and subject of issue 15, 2026-12-04), the
 # subject photographed on one plain light blue wall. The wall in 16 renders of "a sks ball" (toy CLIP, that wall minus
@@ -102,7 +102,7 @@ CAPTION_CONTROL_GAIN = 0.10
 
 @pytest.mark.slow
 def test_captions_naming_the_wall_let_the_prompt_set_another_wall():
-    plain, captioned = toy_captions.measure(steps=demo_config()["trainer"]["max_steps"], seeds=[0], base=False)
+    plain, captioned = toy_captions.measure(steps=demo_steps(), seeds=[0], base=False)
     assert not plain["captions"] and captioned["captions"]
     assert captioned["control_other"] > plain["control_other"] + CAPTION_CONTROL_GAIN, (plain, captioned)
     assert captioned["dino"] > captioned["dino_before"] + DINO_GAIN, captioned

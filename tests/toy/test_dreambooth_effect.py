@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.common import toy_fit
+from bench.common import demo_steps, toy_fit
 from bench.toy_dreambench import ceiling
-from bench.toy_effect import DEMO_STEPS
 from datamodules.datasets import image_transform
 from datamodules.images import list_images, load_image
 from datamodules.toy_subject import draw_toy_subject
@@ -46,7 +45,7 @@ def toy_class_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "overrides, steps, margins",
     [
-        pytest.param(["--model.use_lora=true"], DEMO_STEPS, LORA_MARGINS, id="lora"),
+        pytest.param(["--model.use_lora=true"], demo_steps(), LORA_MARGINS, id="lora"),
         pytest.param(
             ["--model.use_lora=false", "--model.train_text_encoder=false", "--model.learning_rate=2e-4"],
             FULL_STEPS,
